@@ -1,0 +1,183 @@
+"""Build of the C++/CUDA extension (csrc/) with torch.utils.cpp_extension + ninja.
+
+The extension is compiled just in time on first use and cached per torch version, so installing
+mmfast never needs a compiler. `mmfast build` (or `MMFAST_BUILD_EXT=1 pip install
+--no-build-isolation .`) compiles it ahead of time. A failed build warns once and leaves the
+`cpu`/`cuda` backends unavailable with the compiler's reason; ops then fall back to `torch`.
+
+This module imports only torch and the standard library: setup.py loads it on its own.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import sys
+import sysconfig
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+EXTENSION_NAME = "mmfast_C"
+
+_module = None
+_error: str | None = None
+_attempted = False
+
+
+def csrc_dir() -> Path:
+    """csrc/ beside the package in a checkout, or mmfast/csrc inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here / "csrc"):
+        if (candidate / "ops.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"mmfast: C++ sources not found next to {here}")
+
+
+def with_cuda() -> bool:
+    """Whether this torch can build the CUDA part: a CUDA build of torch and nvcc."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def cache_dir() -> Path:
+    """One build folder per torch version and CUDA flavour, so switching torch never reuses objects."""
+    root = os.environ.get("MMFAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mmfast"
+    )
+    flavour = f"cu{torch.version.cuda}" if with_cuda() else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}-{flavour}"
+    return Path(root) / tag
+
+
+def sources() -> list[str]:
+    root = csrc_dir()
+    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    if with_cuda():
+        files += sorted((root / "cuda").glob("*.cu"))
+    return [str(f) for f in files]
+
+
+def _cpu_flags() -> list[str]:
+    """Vector ISA for at::vec, matching what torch's own kernels use on this CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = {
+        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+        "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    }.get(capability)
+    if isa is None:
+        return []
+    return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}", *isa]
+
+
+def _cuda_include_dirs() -> list[str]:
+    # The CUDA wheels of torch ship the CUDA headers they were built with under site-packages/nvidia.
+    site = sysconfig.get_paths()["purelib"]
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+
+
+def _cuda_arch_list() -> None:
+    # Without a visible GPU torch cannot detect the arch; build for Hopper, the GPUs we target.
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+
+def build_options() -> dict:
+    cflags = ["-O3", "-fopenmp", *_cpu_flags()]
+    options = dict(
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(csrc_dir())],
+    )
+    if with_cuda():
+        _cuda_arch_list()
+        cflags.append("-DMMFAST_WITH_CUDA")
+        options["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DMMFAST_WITH_CUDA"]
+        options["extra_include_paths"] += _cuda_include_dirs()
+    return options
+
+
+def build(verbose: bool = False):
+    """Compile (or load from the cache) and import the extension. Raises on failure."""
+    from torch.utils.cpp_extension import load
+
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=EXTENSION_NAME,
+        sources=sources(),
+        build_directory=str(directory),
+        with_cuda=with_cuda(),
+        verbose=verbose,
+        **build_options(),
+    )
+
+
+def load_extension():
+    """The extension module, or None when it cannot be built (the reason is in `error()`).
+
+    A wheel built with MMFAST_BUILD_EXT=1 carries `mmfast._C`; otherwise compile just in time.
+    """
+    global _module, _error, _attempted
+    if _attempted:
+        return _module
+    _attempted = True
+    try:
+        _module = importlib.import_module("mmfast._C")
+        return _module
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    print("mmfast: compiling the C++ extension (first use; cached afterwards)...", file=sys.stderr, flush=True)
+    try:
+        _module = build()
+    except Exception as exc:  # compiler missing, compile error, link error: all mean "no extension"
+        _error = f"{type(exc).__name__}: {_last_line(str(exc))}"
+        warnings.warn(
+            f"mmfast: the C++ extension could not be built ({_error}); the cpu and cuda backends are "
+            "unavailable and ops fall back to the torch backend. `mmfast build` shows the full log.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    print(f"mmfast: extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return _module
+
+
+def error() -> str | None:
+    """Why the extension is unavailable, once a load was attempted."""
+    return _error
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def setuptools_extension():
+    """The same build as an ahead-of-time setuptools extension (`MMFAST_BUILD_EXT=1`)."""
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    options = build_options()
+    kind = CUDAExtension if with_cuda() else CppExtension
+    compile_args = {"cxx": options["extra_cflags"]}
+    if with_cuda():
+        compile_args["nvcc"] = options["extra_cuda_cflags"]
+    root = csrc_dir().parent
+    return kind(
+        name="mmfast._C",
+        sources=[os.path.relpath(s, root) for s in sources()],
+        include_dirs=options["extra_include_paths"],
+        extra_compile_args=compile_args,
+        extra_link_args=options["extra_ldflags"],
+    )
+
+
+def build_ext_command():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension

@@ -1,0 +1,5 @@
+"""nn.Module drop-ins built on mmfast.ops."""
+
+from .loss import CrossEntropyLoss
+
+__all__ = ["CrossEntropyLoss"]

@@ -1,0 +1,59 @@
+"""Loss modules built on mmfast.ops."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import _reduction
+
+from .. import ops
+
+
+class CrossEntropyLoss(nn.Module):
+    """Drop-in for torch.nn.CrossEntropyLoss with class-index targets, on mmfast's fused kernel.
+
+    Takes torch's arguments in torch's order, plus the fused op's keyword options. Class weights
+    and probability targets are not supported and are refused rather than ignored.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        inplace_backward: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if weight is not None:
+            raise ValueError("weight: class weights are not supported by mmfast's cross-entropy; expected None")
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.cross_entropy(
+            input,
+            target,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"

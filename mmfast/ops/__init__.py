@@ -1,0 +1,5 @@
+"""Autograd ops: validate arguments, pick a backend, save the minimum for backward."""
+
+from .cross_entropy import cross_entropy
+
+__all__ = ["cross_entropy"]
