@@ -3,7 +3,8 @@
 // forward:  per row r of logits (N, V), with x = softcap ? softcap * tanh(z / softcap) : z,
 //           lse[r]  = logsumexp(x)
 //           loss[r] = lse - (1 - eps) * x[t] - eps * mean(x) + z_loss * lse^2
-//           rows whose target is ignore_index (or outside [0, V)) get loss = lse = 0.
+//           rows whose target is ignore_index (which may lie inside [0, V)) or outside [0, V)
+//           are ignored: loss = lse = 0 and a zero gradient row.
 //           loss and lse are float32 (float64 for float64 logits).
 // backward: grad_logits[r] = grad_loss[r] * dloss/dz, written into grad_logits, which may be
 //           logits itself (in-place backward). Softmax is recomputed from lse, never stored.
@@ -42,6 +43,10 @@ inline void check_cross_entropy_backward(const at::Tensor& logits, const at::Ten
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.stride(1) == 1 &&
                   grad_logits.scalar_type() == logits.scalar_type() && grad_logits.device() == logits.device(),
               "grad_logits must match logits");
+}
+
+inline bool cross_entropy_ignored(int64_t target, int64_t vocab, int64_t ignore_index) {
+  return target == ignore_index || target < 0 || target >= vocab;
 }
 
 inline at::ScalarType cross_entropy_stat_dtype(const at::Tensor& logits) {

@@ -37,7 +37,7 @@ def _cross_entropy_forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row)
-    if (target < 0) | (target >= vocab):  # ignore_index: the op rejects every other out-of-range value
+    if (target == ignore_index) | (target < 0) | (target >= vocab):
         tl.store(loss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
         return
@@ -78,6 +78,7 @@ def _cross_entropy_backward_kernel(
     lse_ptr,
     grad_loss_ptr,
     vocab,
+    ignore_index,
     label_smoothing,
     z_loss,
     softcap,
@@ -88,7 +89,7 @@ def _cross_entropy_backward_kernel(
     target = tl.load(target_ptr + row)
     row_ptr = logits_ptr + row * logits_row_stride
     out_ptr = grad_ptr + row * grad_row_stride
-    if (target < 0) | (target >= vocab):
+    if (target == ignore_index) | (target < 0) | (target >= vocab):
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             tl.store(out_ptr + cols, tl.zeros([BLOCK_V], dtype=tl.float32), mask=cols < vocab)
@@ -161,6 +162,7 @@ def cross_entropy_backward(logits, target, lse, grad_loss, grad_logits, ignore_i
         lse,
         grad_loss,
         vocab,
+        ignore_index,
         label_smoothing,
         z_loss,
         softcap,

@@ -132,11 +132,13 @@ def load_extension():
     except ImportError:
         pass
     start = time.perf_counter()
-    print("mmfast: compiling the C++ extension (first use; cached afterwards)...", file=sys.stderr, flush=True)
+    first_build = not any(cache_dir().glob(f"{EXTENSION_NAME}*.so"))
+    if first_build:
+        print("mmfast: compiling the C++ extension (first use; cached afterwards)...", file=sys.stderr, flush=True)
     try:
         _module = build()
     except Exception as exc:  # compiler missing, compile error, link error: all mean "no extension"
-        _error = f"{type(exc).__name__}: {_last_line(str(exc))}"
+        _error = f"{type(exc).__name__}: {_summary(str(exc))}"
         warnings.warn(
             f"mmfast: the C++ extension could not be built ({_error}); the cpu and cuda backends are "
             "unavailable and ops fall back to the torch backend. `mmfast build` shows the full log.",
@@ -144,7 +146,8 @@ def load_extension():
             stacklevel=2,
         )
         return None
-    print(f"mmfast: extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if first_build:
+        print(f"mmfast: extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return _module
 
 
@@ -153,9 +156,11 @@ def error() -> str | None:
     return _error
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
+def _summary(text: str) -> str:
+    """The compiler's first error line when there is one (ninja's last line only says it stopped)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return errors[0] if errors else (lines[-1] if lines else text)
 
 
 def setuptools_extension():

@@ -81,8 +81,6 @@ def _load(backend: str):
 
 
 def _device_reason(backend: str, device: torch.device) -> str | None:
-    if device.type == "cuda" and backend in ("triton", "cuda") and not torch.cuda.is_available():
-        return "no CUDA device is visible"
     if backend == "triton":
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None
@@ -103,6 +101,8 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
         return str(exc)
     if not hasattr(module, f"{op}_forward"):
         return f"{op} is not implemented by the {backend} backend"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible"
     return None
 
 

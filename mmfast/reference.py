@@ -18,9 +18,13 @@ def _capped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
+def _valid_rows(target, vocab, ignore_index):
+    return (target != ignore_index) & (target >= 0) & (target < vocab)
+
+
 def cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss, softcap):
     x = _capped(logits, softcap)
-    valid = (target >= 0) & (target < x.shape[1])
+    valid = _valid_rows(target, x.shape[1], ignore_index)
     lse = torch.logsumexp(x, dim=1)
     x_target = x.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
     loss = lse - (1 - label_smoothing) * x_target + z_loss * lse * lse
@@ -33,11 +37,11 @@ def cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss,
 def cross_entropy_backward(logits, target, lse, grad_loss, grad_logits, ignore_index, label_smoothing, z_loss, softcap):
     x = _capped(logits, softcap)
     vocab = x.shape[1]
-    valid = (target >= 0) & (target < vocab)
+    valid = _valid_rows(target, vocab, ignore_index)
     grad = torch.exp(x - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab
     rows = valid.nonzero()[:, 0]
     grad[rows, target[rows]] -= 1 - label_smoothing
-    grad *= (grad_loss * valid)[:, None]
+    grad *= torch.where(valid, grad_loss, 0)[:, None]  # ignored rows get 0 even when grad_loss is nan
     if softcap > 0:
         grad *= 1 - (x / softcap) ** 2
     grad_logits.copy_(grad)

@@ -67,7 +67,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, at::Tensor
     auto buf = std::make_unique<acc_t[]>(kChunk);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = target_ptr[r];
-      if (t < 0 || t >= vocab) {  // ignore_index (the Python layer rejects every other out-of-range value)
+      if (cross_entropy_ignored(t, vocab, opt.ignore_index)) {
         loss_ptr[r] = lse_ptr[r] = 0;
         continue;
       }
@@ -116,7 +116,7 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& target, const at:
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* out = out_ptr + r * out_stride;
       const int64_t t = target_ptr[r];
-      if (t < 0 || t >= vocab) {
+      if (cross_entropy_ignored(t, vocab, opt.ignore_index)) {
         std::fill(out, out + vocab, scalar_t(0));
         continue;
       }

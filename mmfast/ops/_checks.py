@@ -27,7 +27,7 @@ def integer(name: str, value) -> torch.Tensor:
 
 def same_device(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
     if value.device != reference.device:
-        raise ValueError(f"{name}: expected a tensor on {reference_name}'s device {reference.device}, got {value.device}")
+        raise ValueError(f"{name}: expected a tensor on the device of {reference_name} ({reference.device}), got {value.device}")
 
 
 def one_of(name: str, value, choices: tuple) -> None:
