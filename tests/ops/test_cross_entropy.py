@@ -242,3 +242,21 @@ def test_module_is_a_drop_in_for_torch():
 def test_gpu_backends_on_a_large_head(backend):
     logits, target = make_inputs((1024, 128256), torch.bfloat16)
     check_against_reference(backend, logits, target, label_smoothing=0.1, z_loss=1e-4)
+
+
+def test_inplace_backward_needs_no_logits_sized_buffer():
+    """Peak RSS of one forward+backward, in its own process: eager needs several (N, V) buffers,
+    mmfast with inplace_backward none (only per-row floats)."""
+    from mmfast.bench import harness
+
+    shape = {"N": 1024, "V": 32000}
+    logits_bytes = shape["N"] * shape["V"] * 4
+    peaks = {}
+    for variant in ("eager", "mmfast-cpu"):
+        spec = {"module": "mmfast.bench.cross_entropy", "variant": variant, "shape": shape, "device": "cpu",
+                "dtype": "float32", "warmup": 1, "iters": 1}
+        result = harness.run_worker(spec)
+        assert result["status"] == "ok", result
+        peaks[variant] = result["peak_extra_bytes"]
+    assert peaks["eager"] > logits_bytes, "the measurement must see eager's buffers"
+    assert peaks["mmfast-cpu"] < 0.05 * logits_bytes, peaks

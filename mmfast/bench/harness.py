@@ -1,0 +1,349 @@
+"""Timing and memory machinery shared by `mmfast bench` and the pytest-benchmark suites in bench/.
+
+A benchmark is a module in this package (cross_entropy.py, bandwidth.py) that defines:
+
+    VARIANTS                    names of the variants, run side by side
+    BASELINES                   the variants every other one is compared with (time and memory ratios)
+    LEGEND                      one line saying what each variant runs
+    skip_reason(variant, device)    None when the variant can run on `device`, else why not
+    shape(quick)                the problem size, a JSON-able dict
+    bytes_moved(shape, dtype)   the least traffic one step needs (for GB/s)
+    build(variant, shape, dtype, device) -> Workload
+
+Every variant runs in its own subprocess (`python -m mmfast.bench.worker`): peak RSS is a
+per-process number, a crash or a CUDA error in one variant cannot take the others down, and no
+variant inherits another's allocator caches or compiled graphs. Inside the worker, time is the median
+of several steps after warmup (CUDA events on GPU), and memory is the peak of one more step above
+what was allocated before it: RSS on CPU, torch.cuda.max_memory_allocated on CUDA.
+
+What to read are ratios measured in one run, not absolute times: each variant against the
+baselines, and its GB/s against the machine's copy bandwidth (bandwidth.py) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = ("cross_entropy",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+# (warmup, timed) steps per variant. Warmup also triggers torch.compile and the extension's load.
+ITERATIONS = {False: (2, 10), True: (1, 3)}
+WORKER_TIMEOUT_S = 900  # generous: torch.compile of a cold cache on 2 cores takes a minute or more
+
+MIB = 1 << 20
+
+
+@dataclasses.dataclass
+class Workload:
+    """One variant ready to measure: `refresh` restores fresh inputs and frees the previous step's
+    outputs (not timed); `step` is the timed work (forward + backward), keeping nothing but outputs
+    the inputs hold (a .grad)."""
+
+    step: Callable[[], None]
+    refresh: Callable[[], None]
+
+
+def benchmark_module(name: str):
+    if name not in BENCHMARKS:
+        raise ValueError(f"name: expected one of {', '.join(BENCHMARKS)}, got {name!r}")
+    return importlib.import_module(f"mmfast.bench.{name}")
+
+
+# ---------------------------------------------------------------- inside the worker process
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_step_ms(workload: Workload, device: torch.device) -> float:
+    workload.refresh()
+    if device.type == "cuda":
+        # Events on the stream exclude the refresh kernels queued before `start` and the launch gap.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        workload.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    workload.step()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def _peak_extra_bytes(workload: Workload, device: torch.device) -> int:
+    """Memory one step needs above what exists before it (inputs, and nothing left from earlier steps)."""
+    workload.refresh()  # frees the previous step's outputs (the .grad)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        workload.step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    workload.step()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def measure(workload: Workload, device: torch.device, warmup: int, iters: int) -> dict:
+    """Median time of `iters` steps after `warmup` untimed ones, then the peak memory of one step."""
+    for _ in range(warmup):
+        workload.refresh()
+        workload.step()
+    _sync(device)
+    times = [_time_step_ms(workload, device) for _ in range(iters)]
+    return {"times_ms": times, "peak_extra_bytes": _peak_extra_bytes(workload, device)}
+
+
+def worker_main(spec: dict) -> dict:
+    """Build and measure one variant; any exception becomes a `failed` result with its message."""
+    try:
+        module = importlib.import_module(spec["module"])
+        device = torch.device(spec["device"])
+        workload = module.build(spec["variant"], spec["shape"], DTYPES[spec["dtype"]], device)
+        return {"status": "ok", **measure(workload, device, spec["warmup"], spec["iters"])}
+    except Exception as exc:  # reported, not raised: the parent shows it in the table
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------- in the parent process
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    # glibc otherwise raises its mmap threshold up to 32 MiB as big blocks are freed, and then keeps
+    # freed blocks in the heap, where a later step reuses them without RSS growing: peak RSS would
+    # miss them. A fixed threshold makes every block over 256 KiB its own mapping, returned at free.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
+    # The worker must import this very checkout of mmfast, installed or not.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure one variant in a fresh interpreter; a crash or timeout is a `failed` result."""
+    command = [sys.executable, "-m", "mmfast.bench.worker", json.dumps(spec)]
+    begin = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=_worker_env())
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    # The worker's whole life (start-up, compilation, measurement): where a slow run's time went.
+    wall = {"worker_s": round(time.perf_counter() - begin, 1)}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return {**json.loads(lines[-1]), **wall}  # the worker prints its result as the last line
+    tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+    return {"status": "failed", "error": f"worker exited with code {done.returncode}: {tail}", **wall}
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _ratio(value, base):
+    return value / base if value is not None and base else None
+
+
+def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick: bool = False) -> dict:
+    """Run every variant of benchmark `name` side by side; a JSON-able dict (see format_table)."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    module = benchmark_module(name)
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for, but no CUDA device is visible")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    warmup, iters = ITERATIONS[bool(quick)]
+    shape = module.shape(quick)
+    moved = module.bytes_moved(shape, DTYPES[dtype])
+
+    def spec(mod, variant, shape):
+        return {"module": mod.__name__, "variant": variant, "shape": shape, "device": device, "dtype": dtype,
+                "warmup": warmup, "iters": iters}
+
+    def summarise(row, bytes_moved):
+        if row["status"] == "ok":
+            row["median_ms"] = statistics.median(row["times_ms"])
+            row["gbps"] = bytes_moved / row["median_ms"] / 1e6
+        return row
+
+    from . import bandwidth  # imported here: it imports this module
+
+    copy_shape = bandwidth.shape(quick)
+    copy = summarise(run_worker(spec(bandwidth, "copy", copy_shape)), bandwidth.bytes_moved(copy_shape, None))
+
+    variants = []
+    for variant in module.VARIANTS:
+        reason = module.skip_reason(variant, torch.device(device))
+        row = {"name": variant, "status": "skipped", "reason": reason}
+        if reason is None:
+            row = summarise({"name": variant, **run_worker(spec(module, variant, shape))}, moved)
+        if row["status"] == "ok":
+            fraction = _ratio(row["gbps"], copy.get("gbps"))
+            row["percent_of_copy"] = None if fraction is None else 100 * fraction
+        variants.append(row)
+
+    # Ratios below 1 mean faster / smaller than the baseline.
+    by_name = {row["name"]: row for row in variants}
+    for row in variants:
+        if row["status"] != "ok":
+            continue
+        row["time_ratio"], row["memory_ratio"] = {}, {}
+        for base in module.BASELINES:
+            other = by_name[base] if by_name[base]["status"] == "ok" else {}
+            row["time_ratio"][base] = _ratio(row["median_ms"], other.get("median_ms"))
+            row["memory_ratio"][base] = _ratio(row["peak_extra_bytes"], other.get("peak_extra_bytes"))
+
+    return {
+        "benchmark": name,
+        "timestamp": started,
+        "machine": machine(),
+        "device": device,
+        "dtype": dtype,
+        "quick": bool(quick),
+        "shape": shape,
+        "bytes_moved": moved,
+        "warmup": warmup,
+        "iters": iters,
+        "baselines": list(module.BASELINES),
+        "legend": module.LEGEND,
+        "method": {
+            "time": "median of the timed steps, inputs refreshed outside the timing; "
+            + ("CUDA events" if device == "cuda" else "time.perf_counter"),
+            "memory": "torch.cuda.max_memory_allocated minus memory_allocated before one step"
+            if device == "cuda"
+            else "peak RSS (VmHWM) minus RSS before one step, each variant in its own process",
+            "gbps": "bytes_moved / median time",
+        },
+        "copy_bandwidth": {"shape": copy_shape, **copy},
+        "variants": variants,
+    }
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of the variants side by side, with a header saying what and where."""
+    m, copy = result["machine"], result["copy_bandwidth"]
+    shape = ", ".join(f"{k}={v}" for k, v in result["shape"].items())
+    copy_text = f"{copy['gbps']:.1f} GB/s" if copy["status"] == "ok" else f"failed ({copy['error']})"
+    lines = [
+        f"{result['benchmark']}  {shape}  {result['dtype']}  on {result['device']}"
+        + ("  (quick)" if result["quick"] else "")
+        + f"  median of {result['iters']} after {result['warmup']} warmup",
+        f"machine: {m['cpu']}, {m['cores']} cores ({m['cpu_capability']})"
+        + (f", {m['gpu']}" if m["gpu"] else "")
+        + f", torch {m['torch']}; {result['timestamp']}",
+        result["legend"],
+        f"copy bandwidth: {copy_text}; ratios < 1 are faster / smaller than the baseline",
+        "",
+    ]
+    baselines = result["baselines"]
+    header = ["variant", "status", "median ms"]
+    header += [f"time/{b}" for b in baselines]
+    header += ["peak MiB"] + [f"mem/{b}" for b in baselines]
+    header += ["GB/s", "% copy", "note"]
+    rows = [header]
+    for row in result["variants"]:
+        if row["status"] != "ok":
+            note = (row.get("reason") or row.get("error") or "").strip().splitlines()
+            rows.append([row["name"], row["status"]] + [""] * (len(header) - 3) + (note[:1] or [""]))
+            continue
+        cells = [row["name"], "ok", _fmt(row["median_ms"], ".2f")]
+        cells += [_fmt(row["time_ratio"][b], ".2f", "x") for b in baselines]
+        cells += [_fmt(row["peak_extra_bytes"] / MIB, ".1f")]
+        cells += [_fmt(row["memory_ratio"][b], ".3f", "x") for b in baselines]
+        cells += [_fmt(row["gbps"], ".1f"), _fmt(row["percent_of_copy"], ".0f", "%"), ""]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        # Names left-aligned, numbers right-aligned; the free-text note goes last, unpadded.
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(r[2:-1], widths[2:])]
+        lines.append("  ".join(cells + [r[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def save(result: dict, json_path) -> None:
+    """Write `result` as JSON, and a bar chart of its ratios as a PNG beside it (same stem)."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        from matplotlib.figure import Figure  # without pyplot: no GUI backend, no global state
+    except ImportError:
+        print(f"mmfast bench: matplotlib is not installed; wrote {path} without the PNG chart")
+        return
+    rows = [r for r in result["variants"] if r["status"] == "ok"]
+    series = [(f"time / {b}", "time_ratio", b) for b in result["baselines"]]
+    series += [(f"peak memory / {b}", "memory_ratio", b) for b in result["baselines"]]
+    if not rows or not series:
+        print(f"mmfast bench: no ratios to chart; wrote {path} without the PNG chart")
+        return
+    fig = Figure(figsize=(9, 1.2 + 0.9 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / len(series)
+    for i, (label, key, base) in enumerate(series):
+        values = [r[key][base] or 0.0 for r in rows]  # a missing ratio (failed baseline) draws no bar
+        bars = ax.barh([y + i * height for y in range(len(rows))], values, height=height, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.set_yticks([y + 0.4 - height / 2 for y in range(len(rows))], [r["name"] for r in rows])
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("ratio to baseline (lower is better)")
+    shape = ", ".join(f"{k}={v}" for k, v in result["shape"].items())
+    ax.set_title(f"{result['benchmark']} {shape} {result['dtype']} on {result['device']}: "
+                 f"{result['machine']['gpu'] or result['machine']['cpu']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path.with_suffix(".png"), dpi=120)

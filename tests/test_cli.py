@@ -1,0 +1,41 @@
+"""`mmfast info | build | bench` as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mmfast import cli
+
+
+def test_info_prints_versions_and_the_whole_table(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "triton" in out and "build cache" in out
+    for backend in ("triton", "cuda", "cpu", "torch"):
+        assert f"cross_entropy  {backend}" in out
+
+
+def test_build_says_what_it_built_and_how_long_it_took(capsys):
+    assert cli.main(["build"]) == 0
+    out = capsys.readouterr().out
+    assert "built " in out and "backends: cpu" in out and " s" in out
+
+
+def test_bench_quick_prints_the_side_by_side_table_and_saves_json(tmp_path):
+    path = tmp_path / "ce.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "mmfast.cli", "bench", "cross_entropy", "--quick", "--json", str(path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    for variant in ("eager", "compile", "mmfast-cpu"):
+        assert variant in run.stdout
+    result = json.loads(path.read_text())
+    assert result["device"] == "cpu"
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "softmax"])
