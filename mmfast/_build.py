@@ -13,6 +13,8 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -37,8 +39,37 @@ def csrc_dir() -> Path:
     raise FileNotFoundError(f"mmfast: C++ sources not found next to {here}")
 
 
+def _set_cuda_home() -> None:
+    """Point CUDA_HOME at nvcc's own root when it is unset, before torch reads it.
+
+    Without it torch guesses the root from `which nvcc`, which is wrong when nvcc on PATH is a
+    wrapper script (/usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc on our machines):
+    every object compiles, then the link fails on -lcudart. nvcc's dry run prints its real root.
+    torch reads the variable once, when torch.utils.cpp_extension is first imported.
+    """
+    if torch.version.cuda is None or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if "torch.utils.cpp_extension" in sys.modules:  # too late: torch has already settled on a root
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            os.environ["CUDA_HOME"] = os.path.realpath(line.split("=", 1)[1].strip())
+            return
+
+
 def with_cuda() -> bool:
     """Whether this torch can build the CUDA part: a CUDA build of torch and nvcc."""
+    _set_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and CUDA_HOME is not None
@@ -81,9 +112,10 @@ def _cuda_include_dirs() -> list[str]:
 
 
 def _cuda_arch_list() -> None:
-    # Without a visible GPU torch cannot detect the arch; build for Hopper, the GPUs we target.
+    # Without a visible GPU torch cannot detect the arch: build for Hopper, the GPUs we target,
+    # with PTX so that newer GPUs can JIT it.
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
 
 
 def build_options() -> dict:
@@ -96,13 +128,15 @@ def build_options() -> dict:
     if with_cuda():
         _cuda_arch_list()
         cflags.append("-DMMFAST_WITH_CUDA")
-        options["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DMMFAST_WITH_CUDA"]
+        # No --use_fast_math: it swaps tanh and log for approximations too coarse for fp32 losses.
+        options["extra_cuda_cflags"] = ["-O3", "-DMMFAST_WITH_CUDA"]
         options["extra_include_paths"] += _cuda_include_dirs()
     return options
 
 
 def build(verbose: bool = False):
     """Compile (or load from the cache) and import the extension. Raises on failure."""
+    _set_cuda_home()
     from torch.utils.cpp_extension import load
 
     directory = cache_dir()

@@ -77,6 +77,8 @@ def _load(backend: str):
     extension = _build.load_extension()
     if extension is None:
         raise BackendUnavailable(f"the C++ extension failed to build: {_build.error()}")
+    if not hasattr(extension, backend):
+        raise BackendUnavailable(f"the C++ extension at {extension.__file__} was built without its {backend} part")
     return getattr(extension, backend)
 
 
