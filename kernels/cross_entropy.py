@@ -113,8 +113,9 @@ def _cross_entropy_backward_kernel(
         tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(vocab: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(vocab), 8192 if torch.cuda.is_available() else 1024)
+def _block_v(vocab: int, device: torch.device) -> tuple[int, int]:
+    # Small blocks in the interpreter (CPU tensors), where every block is a numpy array.
+    block = min(triton.next_power_of_2(vocab), 8192 if device.type == "cuda" else 1024)
     return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 
@@ -128,7 +129,7 @@ def cross_entropy_forward(logits, target, ignore_index, label_smoothing, z_loss,
     lse = torch.empty_like(loss)
     if rows == 0:
         return loss, lse
-    block, warps = _block_v(vocab)
+    block, warps = _block_v(vocab, logits.device)
     _cross_entropy_forward_kernel[(rows,)](
         logits,
         logits.stride(0),
@@ -152,7 +153,7 @@ def cross_entropy_backward(logits, target, lse, grad_loss, grad_logits, ignore_i
     rows, vocab = logits.shape
     if rows == 0:
         return
-    block, warps = _block_v(vocab)
+    block, warps = _block_v(vocab, logits.device)
     _cross_entropy_backward_kernel[(rows,)](
         logits,
         logits.stride(0),
