@@ -91,8 +91,9 @@ def test_large_vocabulary(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_of_sequences_with_llama_vocabulary(backend):
-    logits, target = make_inputs((2, 9, 32000), torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_of_sequences_with_llama_vocabulary(backend, dtype):
+    logits, target = make_inputs((2, 9, 32000), dtype)
     check_against_reference(backend, logits, target)
 
 
