@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 #include <tuple>
 
@@ -45,7 +46,8 @@ inline void check_cross_entropy_backward(const at::Tensor& logits, const at::Ten
               "grad_logits must match logits");
 }
 
-inline bool cross_entropy_ignored(int64_t target, int64_t vocab, int64_t ignore_index) {
+// Host and device: the one place that says which rows are ignored.
+C10_HOST_DEVICE inline bool cross_entropy_ignored(int64_t target, int64_t vocab, int64_t ignore_index) {
   return target == ignore_index || target < 0 || target >= vocab;
 }
 

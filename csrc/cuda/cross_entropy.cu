@@ -161,11 +161,6 @@ __device__ __forceinline__ RowStats<acc_t> block_reduce(RowStats<acc_t> st) {
   return st;
 }
 
-// cross_entropy_ignored (cross_entropy.h) for device code: the header's is host-only.
-__device__ __forceinline__ bool ignored(int64_t t, int64_t vocab, int64_t ignore_index) {
-  return t == ignore_index || t < 0 || t >= vocab;
-}
-
 template <typename scalar_t, int N>
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_forward_kernel(const scalar_t* __restrict__ logits, int64_t row_stride,
@@ -177,7 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t r = blockIdx.x;
   const int64_t t = target[r];
   // The same t for the whole block, so the early exit never strands a thread at block_reduce's barrier.
-  if (ignored(t, vocab, ignore_index)) {
+  if (cross_entropy_ignored(t, vocab, ignore_index)) {
     if (threadIdx.x == 0) loss[r] = lse[r] = acc_t(0);
     return;
   }
@@ -214,7 +209,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t r = blockIdx.x;
   const int64_t t = target[r];
   scalar_t* out = grad + r * out_stride;
-  if (ignored(t, vocab, ignore_index)) {
+  if (cross_entropy_ignored(t, vocab, ignore_index)) {
     zero_columns<N>(out, vocab);
     return;
   }
