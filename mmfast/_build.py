@@ -87,7 +87,8 @@ def cache_dir() -> Path:
 
 def sources() -> list[str]:
     root = csrc_dir()
-    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    # Top-level .cpp files are device-generic (ops.cpp, the ATen chunk loops); cpu/ and cuda/ hold the kernels.
+    files = [*sorted(root.glob("*.cpp")), *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda():
         files += sorted((root / "cuda").glob("*.cu"))
     return [str(f) for f in files]

@@ -45,3 +45,37 @@ def cross_entropy_backward(logits, target, lse, grad_loss, grad_logits, ignore_i
     if softcap > 0:
         grad *= 1 - (x / softcap) ** 2
     grad_logits.copy_(grad)
+
+
+def linear_cross_entropy_forward(hidden, weight, bias, target, grad_loss, label_smoothing, z_loss, softcap,
+                                 chunk_size, need_grad_hidden, need_grad_weight, need_grad_bias, return_argmax):
+    """Chunks of `chunk_size` rows: logits for the chunk, the cross-entropy above, its gradient in place."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    stat_dtype = _acc(hidden[:0]).dtype
+    loss = hidden.new_empty(rows, dtype=stat_dtype)
+    lse = torch.empty_like(loss)
+    argmax = hidden.new_empty(rows, dtype=torch.long) if return_argmax else None
+    grads = grad_loss is not None
+    grad_hidden = torch.empty_like(hidden) if grads and need_grad_hidden else None
+    grad_weight = torch.zeros_like(weight, dtype=stat_dtype) if grads and need_grad_weight else None
+    grad_bias = torch.zeros(vocab, dtype=stat_dtype, device=hidden.device) if grads and need_grad_bias else None
+    no_ignore = -1  # every target is in [0, vocab): the caller dropped the ignored rows
+    for start in range(0, rows, chunk_size):
+        chunk = slice(start, start + chunk_size)
+        h, t = hidden[chunk], target[chunk]
+        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        loss[chunk], lse[chunk] = cross_entropy_forward(logits, t, no_ignore, label_smoothing, z_loss, softcap)
+        if return_argmax:
+            argmax[chunk] = logits.argmax(dim=1)
+        if not grads:
+            continue
+        cross_entropy_backward(logits, t, lse[chunk], grad_loss[chunk], logits, no_ignore, label_smoothing, z_loss,
+                               softcap)
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[chunk])
+        if grad_weight is not None:
+            grad_weight += (logits.T @ h).to(stat_dtype)
+        if grad_bias is not None:
+            grad_bias += logits.sum(dim=0, dtype=stat_dtype)
+    return (loss, lse, argmax, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))

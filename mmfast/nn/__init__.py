@@ -1,5 +1,5 @@
 """nn.Module drop-ins built on mmfast.ops."""
 
-from .loss import CrossEntropyLoss
+from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]

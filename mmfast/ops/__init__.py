@@ -1,5 +1,6 @@
 """Autograd ops: validate arguments, pick a backend, save the minimum for backward."""
 
 from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy"]
