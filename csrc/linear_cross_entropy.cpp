@@ -126,13 +126,36 @@ LinearCrossEntropyResult run_chunks(const at::Tensor& hidden, const at::Tensor& 
 }  // namespace
 
 namespace cpu {
+namespace {
+
+// bf16/fp16 GEMMs are fast only on CPUs that multiply them natively (AVX512-BF16 or AMX, AVX512-FP16);
+// elsewhere MKL emulates them several times slower than float32.
+bool native_gemm(at::ScalarType dtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (dtype == at::kBFloat16) return __builtin_cpu_supports("avx512bf16");
+  if (dtype == at::kHalf) return __builtin_cpu_supports("avx512fp16");
+#endif
+  return true;
+}
+
+at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.defined() ? t.to(dtype) : t; }
+
+}  // namespace
+
 LinearCrossEntropyResult linear_cross_entropy_forward(const at::Tensor& hidden, const at::Tensor& weight,
                                                       const at::Tensor& bias, const at::Tensor& target,
                                                       const at::Tensor& grad_loss,
                                                       const LinearCrossEntropyRequest& request) {
   TORCH_CHECK(hidden.device().is_cpu(), "the cpu backend needs CPU tensors");
-  return run_chunks(hidden, weight, bias, target, grad_loss, request,
-                    {cpu::cross_entropy_forward, cpu::cross_entropy_backward, /*vocab_major=*/false});
+  const Epilogue epilogue{cpu::cross_entropy_forward, cpu::cross_entropy_backward, /*vocab_major=*/false};
+  const auto dtype = hidden.scalar_type();
+  if (native_gemm(dtype)) return run_chunks(hidden, weight, bias, target, grad_loss, request, epilogue);
+  // Without native support, float32 copies of the inputs are the faster trade: the weight's copy costs
+  // as much memory as its gradient's float32 accumulator.
+  auto [loss, lse, argmax, grad_hidden, grad_weight, grad_bias] =
+      run_chunks(to_dtype(hidden, at::kFloat), to_dtype(weight, at::kFloat), to_dtype(bias, at::kFloat), target,
+                 grad_loss, request, epilogue);
+  return {loss, lse, argmax, to_dtype(grad_hidden, dtype), to_dtype(grad_weight, dtype), to_dtype(grad_bias, dtype)};
 }
 }  // namespace cpu
 

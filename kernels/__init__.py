@@ -1,5 +1,6 @@
 """Triton kernels with thin launchers, one file per op; no autograd here (that is mmfast.ops)."""
 
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .linear_cross_entropy import linear_cross_entropy_forward
 
-__all__ = ["cross_entropy_backward", "cross_entropy_forward"]
+__all__ = ["cross_entropy_backward", "cross_entropy_forward", "linear_cross_entropy_forward"]

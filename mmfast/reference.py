@@ -58,7 +58,8 @@ def linear_cross_entropy_forward(hidden, weight, bias, target, grad_loss, label_
     grads = grad_loss is not None
     grad_hidden = torch.empty_like(hidden) if grads and need_grad_hidden else None
     grad_weight = torch.zeros_like(weight, dtype=stat_dtype) if grads and need_grad_weight else None
-    grad_bias = torch.zeros(vocab, dtype=stat_dtype, device=hidden.device) if grads and need_grad_bias else None
+    grad_bias = (torch.zeros(vocab, dtype=stat_dtype, device=hidden.device)
+                 if grads and need_grad_bias and bias is not None else None)
     no_ignore = -1  # every target is in [0, vocab): the caller dropped the ignored rows
     for start in range(0, rows, chunk_size):
         chunk = slice(start, start + chunk_size)
