@@ -267,13 +267,16 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size, *_, backend = inputs
     loss, lse, argmax, *grads = output
     ctx.mark_non_differentiable(lse, argmax, *grads)
+    ctx.set_materialize_grads(False)  # else autograd makes zero "gradients" for the gradient outputs: one more of each
     ctx.reduction = reduction
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, target)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
         ctx.backend = backend
     else:
-        ctx.save_for_backward(*grads)
+        # Not save_for_backward: the backward hands these over as the gradients themselves, and a saved
+        # reference would make autograd copy each one (the weight gradient is the op's largest buffer).
+        ctx.grads = grads
 
 
 def _autograd_backward(ctx, grad_loss, *_):
@@ -285,8 +288,15 @@ def _autograd_backward(ctx, grad_loss, *_):
             ctx.backend,
         )
     else:
-        # In place: the gradients were computed for this backward alone, and a second one raises on them.
-        grads = [g.mul_(grad_loss) if need else None for g, need in zip(ctx.saved_tensors, needs)]
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: the gradients computed during the forward were already handed to an "
+                "earlier backward; with reduction 'mean' or 'sum' the graph can be backpropagated once "
+                "(reduction='none' recomputes and allows more)"
+            )
+        del ctx.grads
+        grads = [g.mul_(grad_loss) if need else None for g, need in zip(grads, needs)]
     return (*(g if need else None for g, need in zip(grads, needs)), *([None] * 12))
 
 
