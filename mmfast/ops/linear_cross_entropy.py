@@ -280,6 +280,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_loss, *_):
+    if grad_loss is None:  # only a non-differentiable output was used
+        return (None,) * 15
     needs = ctx.needs_input_grad[:3]
     if ctx.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
