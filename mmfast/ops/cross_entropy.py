@@ -39,6 +39,10 @@ def cross_entropy(
     inplace_backward=True writes the gradient into `logits` during backward: use it when nothing
     else needs the logits afterwards, as in a language-model head. It also means the graph can be
     backpropagated only once.
+
+    Token-contiguous logits (unit stride over the rows: the transpose of a (V, N) buffer, as a
+    vocab-major matmul writes them) are read in place by the cpu backend and copied for the others;
+    the gradient comes back in the logits' layout.
     """
     _checks.floating("logits", logits)
     _checks.integer("target", target)
@@ -62,11 +66,8 @@ def cross_entropy(
             raise ValueError("softcap: expected a positive number or None, got 0")
 
     vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
     loss, _ = torch.ops.mmfast.cross_entropy(
-        rows,
+        logits.reshape(-1, vocab),
         target.reshape(-1).long().contiguous(),
         ignore_index,
         float(label_smoothing),
@@ -83,6 +84,20 @@ def cross_entropy(
     return total.to(logits.dtype)
 
 
+def _readable(backend: str, logits: Tensor) -> Tensor:
+    """`logits` (N, V) in a layout `backend` reads, copied only when it does not read theirs.
+
+    Every backend reads rows with unit stride over V. The cpu one also reads token-contiguous logits
+    (unit stride over N, vocab rows at least N apart), as a vocab-major matmul writes them; the torch
+    one reads any strides.
+    """
+    if backend == "torch" or logits.stride(1) == 1:
+        return logits
+    if backend == "cpu" and logits.stride(0) == 1 and logits.stride(1) >= logits.shape[0]:
+        return logits
+    return logits.contiguous()
+
+
 @torch.library.custom_op("mmfast::cross_entropy", mutates_args=())
 def _forward(
     logits: Tensor,
@@ -97,7 +112,7 @@ def _forward(
     name = backends.select(_OP, logits.device, backend)
     _checks.class_indices("target", target, logits.shape[1], ignore_index)
     forward = backends.kernel(_OP, name, "forward")
-    return forward(logits, target, ignore_index, label_smoothing, z_loss, softcap)
+    return forward(_readable(name, logits), target, ignore_index, label_smoothing, z_loss, softcap)
 
 
 @_forward.register_fake
@@ -107,8 +122,16 @@ def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, inplace_ba
 
 
 def _run_backward(logits, target, lse, grad_loss, grad_logits, ignore_index, label_smoothing, z_loss, softcap, backend):
-    backward = backends.kernel(_OP, backends.select(_OP, logits.device, backend), "backward")
-    backward(logits, target, lse, grad_loss, grad_logits, ignore_index, label_smoothing, z_loss, softcap)
+    """grad_logits has logits' layout (it is logits, or empty_like it), so a backend reads both or neither."""
+    name = backends.select(_OP, logits.device, backend)
+    backward = backends.kernel(_OP, name, "backward")
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    rows = _readable(name, logits)
+    if rows is logits:
+        backward(logits, target, lse, grad_loss, grad_logits, *options)
+        return
+    backward(rows, target, lse, grad_loss, rows, *options)
+    grad_logits.copy_(rows)
 
 
 @torch.library.custom_op("mmfast::cross_entropy_backward", mutates_args=())
@@ -123,14 +146,14 @@ def _backward(
     softcap: float,
     backend: str,
 ) -> Tensor:
-    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad_logits = torch.empty_like(logits)
     _run_backward(logits, target, lse, grad_loss, grad_logits, ignore_index, label_smoothing, z_loss, softcap, backend)
     return grad_logits
 
 
 @_backward.register_fake
 def _(logits, target, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return torch.empty_like(logits)
 
 
 @torch.library.custom_op("mmfast::cross_entropy_backward_", mutates_args=("logits",))

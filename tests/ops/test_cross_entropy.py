@@ -42,7 +42,15 @@ def make_inputs(shape, dtype, ignored=0.2, seed=0):
     return logits, target
 
 
-def check_against_reference(backend, logits, target, **options):
+def token_contiguous(x, ld=None):
+    """x (N, V) as a vocab-major matmul writes logits: unit stride over N, vocab rows ld >= N apart."""
+    rows = x.shape[0]
+    view = torch.empty(x.shape[1], ld or rows, dtype=x.dtype, device=x.device)[:, :rows].t()
+    return view.copy_(x)
+
+
+def check_against_reference(backend, logits, target, layout=lambda x: x, **options):
+    """layout(x) gives each run its logits: the same values, laid out in memory as the test asks."""
     dtype = logits.dtype
     results = []
     for fn, x in (
@@ -50,7 +58,7 @@ def check_against_reference(backend, logits, target, **options):
         (plain_torch_cross_entropy, logits),
         (lambda *a, **k: cross_entropy(*a, backend=backend, **k), logits),
     ):
-        x = x.detach().clone().requires_grad_()
+        x = layout(x.detach().clone()).requires_grad_()
         loss = fn(x, target, **options)
         grad_out = torch.ones_like(loss) if loss.dim() else None
         loss.backward(grad_out)
@@ -129,6 +137,38 @@ def test_inplace_backward_writes_gradient_into_logits(backend, dtype):
     cross_entropy(y, target, backend=backend, z_loss=1e-3, inplace_backward=True).backward()
     assert y.grad.data_ptr() == storage, "the gradient must live in the logits' own buffer"
     torch.testing.assert_close(y.grad, expected)
+
+
+TOKEN_LAYOUTS = [((37, 1000), None), ((3, 7), None), ((65, 333), None), ((37, 1000), 80)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ld", TOKEN_LAYOUTS, ids=lambda v: str(v) if v else "dense")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_token_contiguous_logits(backend, dtype, shape, ld, options):
+    """Logits as a vocab-major matmul writes them, (V, ld) row-major: the cpu backend reads them in place."""
+    logits, target = make_inputs(shape, dtype)
+    if not options.get("label_smoothing"):  # with smoothing, a -inf logit makes the loss infinite
+        logits[1, ::3] = float("-inf")
+        target[1] = 1
+    check_against_reference(backend, logits, target, layout=lambda x: token_contiguous(x, ld), **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ld", TOKEN_LAYOUTS, ids=lambda v: str(v) if v else "dense")
+def test_inplace_backward_into_token_contiguous_logits(backend, dtype, shape, ld):
+    logits, target = make_inputs(shape, dtype)
+    x = logits.clone().requires_grad_()
+    cross_entropy(x, target, backend=backend, z_loss=1e-3, softcap=20.0).backward()
+
+    y = token_contiguous(logits, ld).requires_grad_()
+    strides = y.stride()
+    cross_entropy(y, target, backend=backend, z_loss=1e-3, softcap=20.0, inplace_backward=True).backward()
+    assert y.stride() == strides == (1, ld or shape[0])
+    torch.testing.assert_close(y.detach(), x.grad)  # the gradient, written over the logits in their layout
+    torch.testing.assert_close(y.grad, x.grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
