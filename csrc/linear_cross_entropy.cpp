@@ -147,7 +147,7 @@ LinearCrossEntropyResult linear_cross_entropy_forward(const at::Tensor& hidden, 
                                                       const at::Tensor& grad_loss,
                                                       const LinearCrossEntropyRequest& request) {
   TORCH_CHECK(hidden.device().is_cpu(), "the cpu backend needs CPU tensors");
-  const Epilogue epilogue{cpu::cross_entropy_forward, cpu::cross_entropy_backward, /*vocab_major=*/false};
+  const Epilogue epilogue{cpu::cross_entropy_forward, cpu::cross_entropy_backward, /*vocab_major=*/true};
   const auto dtype = hidden.scalar_type();
   if (native_gemm(dtype)) return run_chunks(hidden, weight, bias, target, grad_loss, request, epilogue);
   // Without native support, float32 copies of the inputs are the faster trade: the weight's copy costs
