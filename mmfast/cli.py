@@ -10,6 +10,7 @@ import time
 import torch
 
 from . import _build, backends
+from .bench import BENCHMARKS
 
 
 def _info(args) -> int:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(run=_build_command)
 
     bench = commands.add_parser("bench", help="time and memory of an op against its baselines, in one run")
-    bench.add_argument("op", choices=backends.OPS)
+    bench.add_argument("op", choices=BENCHMARKS)  # the ops that have a benchmark module
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mmfast import cli
+from mmfast import bench, cli
+from mmfast.bench import BENCHMARKS
 
 
 def test_info_prints_versions_and_the_whole_table(capsys):
@@ -34,6 +35,15 @@ def test_bench_quick_prints_the_side_by_side_table_and_saves_json(tmp_path):
         assert variant in run.stdout
     result = json.loads(path.read_text())
     assert result["device"] == "cpu"
+
+
+@pytest.mark.parametrize("op", BENCHMARKS)
+def test_bench_accepts_every_benchmark(op, monkeypatch, capsys):
+    # Only the command line is under test here: a real run of the larger benchmarks takes minutes.
+    monkeypatch.setattr(bench, "run_benchmark", lambda name, **options: {"benchmark": name, **options})
+    monkeypatch.setattr(bench, "format_table", lambda result: f"table of {result['benchmark']}")
+    assert cli.main(["bench", op, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == f"table of {op}\n"
 
 
 def test_unknown_op_is_refused():

@@ -1,6 +1,6 @@
 """Timing and memory machinery shared by `mmfast bench` and the pytest-benchmark suites in bench/.
 
-A benchmark is a module in this package (cross_entropy.py, bandwidth.py) that defines:
+A benchmark is a module in this package (cross_entropy.py, linear_cross_entropy.py, bandwidth.py) that defines:
 
     VARIANTS                    names of the variants, run side by side
     BASELINES                   the variants every other one is compared with (time and memory ratios)
@@ -9,6 +9,12 @@ A benchmark is a module in this package (cross_entropy.py, bandwidth.py) that de
     shape(quick)                the problem size, a JSON-able dict
     bytes_moved(shape, dtype)   the least traffic one step needs (for GB/s)
     build(variant, shape, dtype, device) -> Workload
+
+and, where they apply:
+
+    flops(shape, dtype)         the floating-point operations of one step (for GFLOP/s, where matmuls bound the time)
+    memory_floor(shape, dtype)  the least extra memory any implementation needs (peak memory is shown as a multiple)
+    ITERATIONS, WORKER_TIMEOUT_S    in place of the harness's own, for steps too slow for them
 
 Every variant runs in its own subprocess (`python -m mmfast.bench.worker`): peak RSS is a
 per-process number, a crash or a CUDA error in one variant cannot take the others down, and no
@@ -39,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("cross_entropy",)
+BENCHMARKS = ("cross_entropy", "linear_cross_entropy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 
@@ -148,14 +154,14 @@ def _worker_env() -> dict:
     return env
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, timeout_s: float = WORKER_TIMEOUT_S) -> dict:
     """Measure one variant in a fresh interpreter; a crash or timeout is a `failed` result."""
     command = [sys.executable, "-m", "mmfast.bench.worker", json.dumps(spec)]
     begin = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=_worker_env())
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=_worker_env())
     except subprocess.TimeoutExpired:
-        return {"status": "failed", "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+        return {"status": "failed", "error": f"timed out after {timeout_s} s"}
     # The worker's whole life (start-up, compilation, measurement): where a slow run's time went.
     wall = {"worker_s": round(time.perf_counter() - begin, 1)}
     lines = done.stdout.strip().splitlines()
@@ -199,9 +205,12 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
         raise ValueError("device: 'cuda' was asked for, but no CUDA device is visible")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    warmup, iters = ITERATIONS[bool(quick)]
+    warmup, iters = getattr(module, "ITERATIONS", ITERATIONS)[bool(quick)]
+    timeout_s = getattr(module, "WORKER_TIMEOUT_S", WORKER_TIMEOUT_S)
     shape = module.shape(quick)
     moved = module.bytes_moved(shape, DTYPES[dtype])
+    flops = module.flops(shape, DTYPES[dtype]) if hasattr(module, "flops") else None
+    floor = module.memory_floor(shape, DTYPES[dtype]) if hasattr(module, "memory_floor") else None
 
     def spec(mod, variant, shape):
         return {"module": mod.__name__, "variant": variant, "shape": shape, "device": device, "dtype": dtype,
@@ -223,10 +232,14 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
         reason = module.skip_reason(variant, torch.device(device))
         row = {"name": variant, "status": "skipped", "reason": reason}
         if reason is None:
-            row = summarise({"name": variant, **run_worker(spec(module, variant, shape))}, moved)
+            row = summarise({"name": variant, **run_worker(spec(module, variant, shape), timeout_s)}, moved)
         if row["status"] == "ok":
             fraction = _ratio(row["gbps"], copy.get("gbps"))
             row["percent_of_copy"] = None if fraction is None else 100 * fraction
+            if flops is not None:
+                row["gflops"] = flops / row["median_ms"] / 1e6
+            if floor is not None:
+                row["memory_floor_ratio"] = _ratio(row["peak_extra_bytes"], floor)
         variants.append(row)
 
     # Ratios below 1 mean faster / smaller than the baseline.
@@ -249,6 +262,8 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
         "quick": bool(quick),
         "shape": shape,
         "bytes_moved": moved,
+        "flops": flops,
+        "memory_floor_bytes": floor,
         "warmup": warmup,
         "iters": iters,
         "baselines": list(module.BASELINES),
@@ -260,6 +275,8 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
             if device == "cuda"
             else "peak RSS (VmHWM) minus RSS before one step, each variant in its own process",
             "gbps": "bytes_moved / median time",
+            "gflops": "flops / median time",
+            "memory_floor_ratio": "peak extra memory / memory_floor_bytes",
         },
         "copy_bandwidth": {"shape": copy_shape, **copy},
         "variants": variants,
@@ -278,6 +295,8 @@ def format_table(result: dict) -> str:
     m, copy = result["machine"], result["copy_bandwidth"]
     shape = ", ".join(f"{k}={v}" for k, v in result["shape"].items())
     copy_text = f"{copy['gbps']:.1f} GB/s" if copy["status"] == "ok" else f"failed ({copy['error']})"
+    # Results saved before flops and memory floors existed have neither key.
+    flops, floor = result.get("flops"), result.get("memory_floor_bytes")
     lines = [
         f"{result['benchmark']}  {shape}  {result['dtype']}  on {result['device']}"
         + ("  (quick)" if result["quick"] else "")
@@ -286,14 +305,16 @@ def format_table(result: dict) -> str:
         + (f", {m['gpu']}" if m["gpu"] else "")
         + f", torch {m['torch']}; {result['timestamp']}",
         result["legend"],
-        f"copy bandwidth: {copy_text}; ratios < 1 are faster / smaller than the baseline",
+        f"copy bandwidth: {copy_text}"
+        + (f"; memory floor: {floor / MIB:.1f} MiB" if floor else "")
+        + "; ratios < 1 are faster / smaller than the baseline",
         "",
     ]
     baselines = result["baselines"]
     header = ["variant", "status", "median ms"]
     header += [f"time/{b}" for b in baselines]
-    header += ["peak MiB"] + [f"mem/{b}" for b in baselines]
-    header += ["GB/s", "% copy", "note"]
+    header += ["peak MiB"] + [f"mem/{b}" for b in baselines] + (["mem/floor"] if floor else [])
+    header += ["GB/s", "% copy"] + (["GFLOP/s"] if flops else []) + ["note"]
     rows = [header]
     for row in result["variants"]:
         if row["status"] != "ok":
@@ -304,7 +325,10 @@ def format_table(result: dict) -> str:
         cells += [_fmt(row["time_ratio"][b], ".2f", "x") for b in baselines]
         cells += [_fmt(row["peak_extra_bytes"] / MIB, ".1f")]
         cells += [_fmt(row["memory_ratio"][b], ".3f", "x") for b in baselines]
-        cells += [_fmt(row["gbps"], ".1f"), _fmt(row["percent_of_copy"], ".0f", "%"), ""]
+        cells += [_fmt(row["memory_floor_ratio"], ".3f", "x")] if floor else []
+        cells += [_fmt(row["gbps"], ".1f"), _fmt(row["percent_of_copy"], ".0f", "%")]
+        cells += [_fmt(row["gflops"], ".1f")] if flops else []
+        cells += [""]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for r in rows:
