@@ -145,12 +145,12 @@ def _run(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing,
     Returns (loss, lse, argmax, grad_hidden, grad_weight, grad_bias) per row of `hidden`, None where
     not asked for; ignored rows get loss = lse = 0, argmax = -1 and zero gradient rows.
     """
-    name = backends.select(_OP, hidden.device, backend)
+    forward = backends.kernel(_OP, backends.select(_OP, hidden.device, backend), "forward")
     _checks.class_indices("target", target, weight.shape[0], ignore_index)
     rows = (target != ignore_index).nonzero()[:, 0]
     if rows.numel() == target.numel():
-        return _forward_kernel(name)(hidden, weight, bias, target, grad_loss, label_smoothing, z_loss, softcap,
-                                     chunk_size, *needs, return_argmax)
+        return forward(hidden, weight, bias, target, grad_loss, label_smoothing, z_loss, softcap,
+                       chunk_size, *needs, return_argmax)
     stat_dtype = _stat_dtype(hidden)
     loss = hidden.new_zeros(target.shape, dtype=stat_dtype)
     lse = torch.zeros_like(loss)
@@ -161,7 +161,7 @@ def _run(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing,
         grad_weight = torch.zeros_like(weight) if grads and needs[1] else None
         grad_bias = torch.zeros_like(bias) if grads and needs[2] else None
         return loss, lse, argmax, grad_hidden, grad_weight, grad_bias
-    kept = _forward_kernel(name)(
+    kept = forward(
         hidden.index_select(0, rows), weight, bias, target.index_select(0, rows),
         None if grad_loss is None else grad_loss.index_select(0, rows),
         label_smoothing, z_loss, softcap, chunk_size, *needs, return_argmax,
@@ -170,10 +170,6 @@ def _run(hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing,
         if full is not None:
             full.index_copy_(0, rows, part)
     return loss, lse, argmax, grad_hidden, kept[4], kept[5]
-
-
-def _forward_kernel(name: str):
-    return backends.kernel(_OP, name, "forward")
 
 
 def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
