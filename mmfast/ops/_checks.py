@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -42,6 +44,19 @@ def in_range(name: str, value, low: float, high: float, *, high_inclusive: bool 
     if not ok:
         bracket = "]" if high_inclusive else ")"
         raise ValueError(f"{name}: expected a value in [{low}, {high}{bracket}, got {value}")
+
+
+def loss_options(ignore_index, reduction: str, label_smoothing, z_loss, softcap) -> None:
+    """The options the cross-entropy ops share."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    one_of("reduction", reduction, ("mean", "sum", "none"))
+    in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    in_range("z_loss", z_loss, 0.0, math.inf)
+    if softcap is not None:
+        in_range("softcap", softcap, 0.0, math.inf)
+        if softcap == 0:
+            raise ValueError("softcap: expected a positive number or None, got 0")
 
 
 def class_indices(name: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -6,8 +6,6 @@ the gradient straight into a fresh buffer, or into the logits themselves with in
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -15,7 +13,6 @@ from .. import backends
 from . import _checks
 
 _OP = "cross_entropy"
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def cross_entropy(
@@ -55,15 +52,7 @@ def cross_entropy(
         )
     if logits.shape[-1] == 0:
         raise ValueError("logits: expected at least one class, got V = 0")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    _checks.one_of("reduction", reduction, REDUCTIONS)
-    _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    _checks.in_range("z_loss", z_loss, 0.0, math.inf)
-    if softcap is not None:
-        _checks.in_range("softcap", softcap, 0.0, math.inf)
-        if softcap == 0:
-            raise ValueError("softcap: expected a positive number or None, got 0")
+    _checks.loss_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
     vocab = logits.shape[-1]
     loss, _ = torch.ops.mmfast.cross_entropy(

@@ -11,14 +11,11 @@ reduction="none" the forward keeps nothing but its inputs and the backward recom
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import backends
 from . import _checks
-from .cross_entropy import REDUCTIONS
 
 _OP = "linear_cross_entropy"
 # A chunk's logits take at most this fraction of the weight's size, which keeps peak memory close to
@@ -61,15 +58,7 @@ def linear_cross_entropy(
     backward, which may then run only once (a second one raises).
     """
     _check_inputs(hidden, weight, target, bias)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    _checks.one_of("reduction", reduction, REDUCTIONS)
-    _checks.in_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    _checks.in_range("z_loss", z_loss, 0.0, math.inf)
-    if softcap is not None:
-        _checks.in_range("softcap", softcap, 0.0, math.inf)
-        if softcap == 0:
-            raise ValueError("softcap: expected a positive number or None, got 0")
+    _checks.loss_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
 
