@@ -10,6 +10,8 @@
 
 #include <algorithm>
 
+#include "cpu/native_gemm.h"
+
 namespace mmfast {
 namespace {
 
@@ -126,21 +128,6 @@ LinearCrossEntropyResult run_chunks(const at::Tensor& hidden, const at::Tensor& 
 }  // namespace
 
 namespace cpu {
-namespace {
-
-// bf16/fp16 GEMMs are fast only on CPUs that multiply them natively (AVX512-BF16 or AMX, AVX512-FP16);
-// elsewhere MKL emulates them several times slower than float32.
-bool native_gemm(at::ScalarType dtype) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (dtype == at::kBFloat16) return __builtin_cpu_supports("avx512bf16");
-  if (dtype == at::kHalf) return __builtin_cpu_supports("avx512fp16");
-#endif
-  return true;
-}
-
-at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.defined() ? t.to(dtype) : t; }
-
-}  // namespace
 
 LinearCrossEntropyResult linear_cross_entropy_forward(const at::Tensor& hidden, const at::Tensor& weight,
                                                       const at::Tensor& bias, const at::Tensor& target,

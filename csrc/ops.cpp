@@ -4,6 +4,7 @@
 
 #include "cross_entropy.h"
 #include "linear_cross_entropy.h"
+#include "lora.h"
 
 namespace {
 
@@ -50,6 +51,34 @@ void bind_linear_cross_entropy(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
 }
 
+template <auto Forward, auto Backward, auto Mask>
+void bind_lora_linear(py::module_& m) {
+  m.def(
+      "lora_linear_forward",
+      [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+         const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
+        return Forward(x, weight, bias.value_or(at::Tensor()), lora_A, lora_B, {scaling, dropout_p, seed});
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
+      py::arg("dropout_p"), py::arg("seed"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "lora_linear_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+         const at::Tensor& lora_B, double scaling, const at::Tensor& xa, const at::Tensor& mask, double dropout_p,
+         int64_t seed, const std::optional<at::Tensor>& grad_x, bool need_grad_x, bool need_grad_weight,
+         bool need_grad_bias, bool need_grad_A, bool need_grad_B) {
+        return Backward(grad_out, x, weight, lora_A, lora_B, xa, mask, {scaling, dropout_p, seed},
+                        grad_x.value_or(at::Tensor()),
+                        {need_grad_x, need_grad_weight, need_grad_bias, need_grad_A, need_grad_B});
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"),
+      py::arg("xa"), py::arg("mask"), py::arg("dropout_p"), py::arg("seed"), py::arg("grad_x"), py::arg("need_grad_x"),
+      py::arg("need_grad_weight"), py::arg("need_grad_bias"), py::arg("need_grad_A"), py::arg("need_grad_B"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def("lora_linear_mask", Mask, py::arg("seed"), py::arg("rows"), py::arg("cols"), py::arg("dropout_p"),
+        py::arg("device"), py::call_guard<py::gil_scoped_release>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -57,9 +86,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto cpu = m.def_submodule("cpu", "C++ kernels for CPU tensors (ATen + at::vec + OpenMP)");
   bind_cross_entropy<mmfast::cpu::cross_entropy_forward, mmfast::cpu::cross_entropy_backward>(cpu);
   bind_linear_cross_entropy<mmfast::cpu::linear_cross_entropy_forward>(cpu);
+  bind_lora_linear<mmfast::cpu::lora_linear_forward, mmfast::cpu::lora_linear_backward, mmfast::cpu::lora_linear_mask>(cpu);
 #ifdef MMFAST_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels for CUDA tensors");
   bind_cross_entropy<mmfast::cuda::cross_entropy_forward, mmfast::cuda::cross_entropy_backward>(cuda);
   bind_linear_cross_entropy<mmfast::cuda::linear_cross_entropy_forward>(cuda);
+  bind_lora_linear<mmfast::cuda::lora_linear_forward, mmfast::cuda::lora_linear_backward,
+                   mmfast::cuda::lora_linear_mask>(cuda);
 #endif
 }

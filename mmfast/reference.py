@@ -80,3 +80,43 @@ def linear_cross_entropy_forward(hidden, weight, bias, target, grad_loss, label_
             grad_bias += logits.sum(dim=0, dtype=stat_dtype)
     return (loss, lse, argmax, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def lora_linear_mask(seed, rows, cols, dropout_p, device):
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.rand(rows, cols, generator=generator, device=device) >= dropout_p
+
+
+def _dropout(x, seed, dropout_p):
+    if dropout_p == 0:
+        return x
+    return x * lora_linear_mask(seed, *x.shape, dropout_p, x.device) / (1 - dropout_p)
+
+
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """The mask is redrawn from the seed in the backward, so none is returned."""
+    acc = _acc(x)
+    xa = _dropout(acc, seed, dropout_p) @ _acc(lora_A).T
+    out = acc @ _acc(weight).T + scaling * (xa @ _acc(lora_B).T)
+    if bias is not None:
+        out += _acc(bias)
+    return out.to(x.dtype), xa.to(x.dtype), x.new_empty(0, dtype=torch.uint8)
+
+
+def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, scaling, xa, mask, dropout_p, seed, grad_x,
+                         need_grad_x, need_grad_weight, need_grad_bias, need_grad_A, need_grad_B):
+    g = _acc(grad_out)
+    gxa = scaling * (g @ _acc(lora_B))
+    if need_grad_x:
+        total = g @ _acc(weight) + _dropout(gxa @ _acc(lora_A), seed, dropout_p)
+        if grad_x is None:
+            grad_x = total.to(x.dtype)
+        else:
+            grad_x += total.to(grad_x.dtype)
+    else:
+        grad_x = None
+    grad_weight = (g.T @ _acc(x)).to(weight.dtype) if need_grad_weight else None
+    grad_bias = g.sum(dim=0).to(x.dtype) if need_grad_bias else None
+    grad_A = (gxa.T @ _dropout(_acc(x), seed, dropout_p)).to(lora_A.dtype) if need_grad_A else None
+    grad_B = (scaling * (g.T @ _acc(xa))).to(lora_B.dtype) if need_grad_B else None
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B

@@ -1,5 +1,6 @@
 """nn.Module drop-ins built on mmfast.ops."""
 
+from .lora import LoRALinear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "LoRALinear"]

@@ -2,5 +2,6 @@
 
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
+from .lora import lora_linear, lora_linear_multi
 
-__all__ = ["cross_entropy", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "lora_linear", "lora_linear_multi"]
