@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import _build, backends
-from .bench import BENCHMARKS
+from .bench import BENCHMARKS, harness
 
 
 def _info(args) -> int:
@@ -53,7 +53,11 @@ def _build_command(args) -> int:
 def _bench(args) -> int:
     from .bench import format_table, run_benchmark, save
 
-    result = run_benchmark(args.op, device=args.device, dtype=args.dtype, quick=args.quick)
+    try:
+        result = run_benchmark(args.op, device=args.device, dtype=args.dtype, quick=args.quick, shape=args.shape)
+    except ValueError as exc:  # a bad combination of options, refused before anything runs
+        print(f"mmfast bench: {exc}", file=sys.stderr)
+        return 2
     print(format_table(result))
     if args.json:
         save(result, args.json)
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    named = {op: list(getattr(harness.benchmark_module(op), "SHAPES", ())) for op in BENCHMARKS}
+    bench.add_argument("--shape", metavar="NAME", help="one of the benchmark's named full-size shapes, in place of "
+                       "its default: " + "; ".join(f"{op}: {', '.join(names)}" for op, names in named.items() if names))
     bench.add_argument("--json", metavar="PATH", help="save the results as JSON, with a PNG chart beside it")
     bench.set_defaults(run=_bench)
 

@@ -46,6 +46,38 @@ def test_bench_accepts_every_benchmark(op, monkeypatch, capsys):
     assert capsys.readouterr().out == f"table of {op}\n"
 
 
+def test_bench_passes_a_named_shape_on(monkeypatch, capsys):
+    seen = {}
+
+    def run_benchmark(name, **options):
+        seen.update(options)
+        return {"benchmark": name}
+
+    monkeypatch.setattr(bench, "run_benchmark", run_benchmark)
+    monkeypatch.setattr(bench, "format_table", lambda result: "table")
+    assert cli.main(["bench", "lora", "--device", "cpu", "--shape", "tall-dropout"]) == 0
+    assert seen["shape"] == "tall-dropout" and not seen["quick"]
+    assert cli.main(["bench", "lora", "--device", "cpu"]) == 0
+    assert seen["shape"] is None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["lora", "--shape", "huge"], "square, square-dropout, tall-dropout"),
+    (["cross_entropy", "--shape", "square"], "this benchmark has one shape"),
+    (["lora", "--quick", "--shape", "square"], "quick runs the benchmark's small shape"),
+])
+def test_bench_refuses_a_shape_the_benchmark_does_not_name(argv, expected, capsys):
+    # Refused before any worker starts: these calls run the real run_benchmark.
+    assert cli.main(["bench", *argv, "--device", "cpu"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_bench_help_lists_the_named_shapes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "lora: square, square-dropout, tall-dropout" in " ".join(capsys.readouterr().out.split())
+
+
 def test_unknown_op_is_refused():
     with pytest.raises(SystemExit):
         cli.main(["bench", "softmax"])

@@ -1,6 +1,7 @@
 """Timing and memory machinery shared by `mmfast bench` and the pytest-benchmark suites in bench/.
 
-A benchmark is a module in this package (cross_entropy.py, linear_cross_entropy.py, bandwidth.py) that defines:
+A benchmark is a module in this package (cross_entropy.py, linear_cross_entropy.py, lora.py,
+bandwidth.py) that defines:
 
     VARIANTS                    names of the variants, run side by side
     BASELINES                   the variants every other one is compared with (time and memory ratios)
@@ -15,6 +16,10 @@ and, where they apply:
     flops(shape, dtype)         the floating-point operations of one step (for GFLOP/s, where matmuls bound the time)
     memory_floor(shape, dtype)  the least extra memory any implementation needs (peak memory is shown as a multiple)
     ITERATIONS, WORKER_TIMEOUT_S    in place of the harness's own, for steps too slow for them
+    SHAPES                      named full-size shapes, for a benchmark measured at several: `--shape NAME`
+                                runs SHAPES[NAME] in place of shape(False)
+
+and a Workload may carry `saved`, what autograd keeps for the backward (see saved_tensor_bytes).
 
 Every variant runs in its own subprocess (`python -m mmfast.bench.worker`): peak RSS is a
 per-process number, a crash or a CUDA error in one variant cannot take the others down, and no
@@ -45,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("cross_entropy", "linear_cross_entropy")
+BENCHMARKS = ("cross_entropy", "linear_cross_entropy", "lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 
@@ -60,10 +65,12 @@ MIB = 1 << 20
 class Workload:
     """One variant ready to measure: `refresh` restores fresh inputs and frees the previous step's
     outputs (not timed); `step` is the timed work (forward + backward), keeping nothing but outputs
-    the inputs hold (a .grad)."""
+    the inputs hold (a .grad); `saved`, where given, runs one forward and returns what autograd saved for
+    its backward (saved_tensor_bytes)."""
 
     step: Callable[[], None]
     refresh: Callable[[], None]
+    saved: Callable[[], dict] | None = None
 
 
 def benchmark_module(name: str):
@@ -73,6 +80,35 @@ def benchmark_module(name: str):
 
 
 # ---------------------------------------------------------------- inside the worker process
+
+
+def saved_tensor_bytes(forward: Callable[[], torch.Tensor], parameters, input: torch.Tensor) -> dict:
+    """The bytes of the distinct storages autograd saves for the backward of one `forward()`.
+
+    Parameters are left out: they exist before and after the step. The input is counted apart: it
+    exists anyway as the previous layer's output, but only while something holds it, and a backward
+    that saves it is what holds it. So `beyond_input_bytes` leaves it out, `with_input_bytes` counts
+    it when it is saved (`input_saved`). A saved view counts its whole storage: it keeps that alive.
+    """
+    skipped = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage  # held here, so no address is reused while counting
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    input_storage = input.untyped_storage()
+    input_saved = input_storage.data_ptr() in storages
+    skipped.add(input_storage.data_ptr())
+    beyond = sum(s.nbytes() for address, s in storages.items() if address not in skipped)
+    return {
+        "beyond_input_bytes": beyond,
+        "with_input_bytes": beyond + (input_storage.nbytes() if input_saved else 0),
+        "input_saved": input_saved,
+    }
 
 
 def _status_kib(field: str) -> int:
@@ -134,7 +170,11 @@ def worker_main(spec: dict) -> dict:
         module = importlib.import_module(spec["module"])
         device = torch.device(spec["device"])
         workload = module.build(spec["variant"], spec["shape"], DTYPES[spec["dtype"]], device)
-        return {"status": "ok", **measure(workload, device, spec["warmup"], spec["iters"])}
+        result = {"status": "ok", **measure(workload, device, spec["warmup"], spec["iters"])}
+        if workload.saved is not None:
+            workload.refresh()
+            result["saved"] = workload.saved()
+        return result
     except Exception as exc:  # reported, not raised: the parent shows it in the table
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
@@ -195,8 +235,12 @@ def _ratio(value, base):
     return value / base if value is not None and base else None
 
 
-def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick: bool = False) -> dict:
-    """Run every variant of benchmark `name` side by side; a JSON-able dict (see format_table)."""
+def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick: bool = False,
+                  shape: str | None = None) -> dict:
+    """Run every variant of benchmark `name` side by side; a JSON-able dict (see format_table).
+
+    `shape` names one of the module's SHAPES, run in place of its default full-size shape.
+    """
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     module = benchmark_module(name)
     if device not in DEVICES:
@@ -205,9 +249,21 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
         raise ValueError("device: 'cuda' was asked for, but no CUDA device is visible")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    shapes = getattr(module, "SHAPES", {})
+    if shape is not None:
+        if quick:
+            raise ValueError("shape: quick runs the benchmark's small shape; a named shape is a full-size one")
+        if shape not in shapes:
+            expected = f"one of {', '.join(shapes)}" if shapes else "none: this benchmark has one shape"
+            raise ValueError(f"shape: expected {expected}, got {shape!r}")
     warmup, iters = getattr(module, "ITERATIONS", ITERATIONS)[bool(quick)]
     timeout_s = getattr(module, "WORKER_TIMEOUT_S", WORKER_TIMEOUT_S)
-    shape = module.shape(quick)
+    if shape is None:
+        shape = module.shape(quick)
+        # The default shape may be one of the named ones: say which.
+        shape_name = next((key for key, value in shapes.items() if value == shape), None)
+    else:
+        shape_name, shape = shape, shapes[shape]
     moved = module.bytes_moved(shape, DTYPES[dtype])
     flops = module.flops(shape, DTYPES[dtype]) if hasattr(module, "flops") else None
     floor = module.memory_floor(shape, DTYPES[dtype]) if hasattr(module, "memory_floor") else None
@@ -252,6 +308,11 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
             other = by_name[base] if by_name[base]["status"] == "ok" else {}
             row["time_ratio"][base] = _ratio(row["median_ms"], other.get("median_ms"))
             row["memory_ratio"][base] = _ratio(row["peak_extra_bytes"], other.get("peak_extra_bytes"))
+        if "saved" in row:
+            row["saved_ratio"] = {}
+            for base in module.BASELINES:
+                other = by_name[base].get("saved", {})
+                row["saved_ratio"][base] = _ratio(row["saved"]["beyond_input_bytes"], other.get("beyond_input_bytes"))
 
     return {
         "benchmark": name,
@@ -260,6 +321,7 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
         "device": device,
         "dtype": dtype,
         "quick": bool(quick),
+        "shape_name": shape_name,
         "shape": shape,
         "bytes_moved": moved,
         "flops": flops,
@@ -277,6 +339,9 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
             "gbps": "bytes_moved / median time",
             "gflops": "flops / median time",
             "memory_floor_ratio": "peak extra memory / memory_floor_bytes",
+            "saved": "bytes of the distinct storages autograd saves for the backward in one forward "
+            "(saved_tensors_hooks), parameters left out; beyond_input_bytes leaves the layer's input out too, "
+            "with_input_bytes counts it where it is saved; saved_ratio compares beyond_input_bytes",
         },
         "copy_bandwidth": {"shape": copy_shape, **copy},
         "variants": variants,
@@ -293,7 +358,7 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 def format_table(result: dict) -> str:
     """A plain-text table of the variants side by side, with a header saying what and where."""
     m, copy = result["machine"], result["copy_bandwidth"]
-    shape = ", ".join(f"{k}={v}" for k, v in result["shape"].items())
+    shape = _shape_text(result)
     copy_text = f"{copy['gbps']:.1f} GB/s" if copy["status"] == "ok" else f"failed ({copy['error']})"
     # Results saved before flops and memory floors existed have neither key.
     flops, floor = result.get("flops"), result.get("memory_floor_bytes")
@@ -311,9 +376,15 @@ def format_table(result: dict) -> str:
         "",
     ]
     baselines = result["baselines"]
+    # Only benchmarks whose workloads measure it have saved bytes; a ratio to a baseline that saves
+    # nothing (or failed) is no column.
+    saved = any("saved" in row for row in result["variants"])
+    saved_bases = [b for b in baselines
+                   if any(row.get("saved_ratio", {}).get(b) is not None for row in result["variants"])]
     header = ["variant", "status", "median ms"]
     header += [f"time/{b}" for b in baselines]
     header += ["peak MiB"] + [f"mem/{b}" for b in baselines] + (["mem/floor"] if floor else [])
+    header += (["saved MiB", "saved w/ x MiB"] if saved else []) + [f"saved/{b}" for b in saved_bases]
     header += ["GB/s", "% copy"] + (["GFLOP/s"] if flops else []) + ["note"]
     rows = [header]
     for row in result["variants"]:
@@ -326,6 +397,11 @@ def format_table(result: dict) -> str:
         cells += [_fmt(row["peak_extra_bytes"] / MIB, ".1f")]
         cells += [_fmt(row["memory_ratio"][b], ".3f", "x") for b in baselines]
         cells += [_fmt(row["memory_floor_ratio"], ".3f", "x")] if floor else []
+        if saved:
+            counted = row.get("saved", {})
+            cells += [_fmt(counted[key] / MIB if key in counted else None, ".2f")
+                      for key in ("beyond_input_bytes", "with_input_bytes")]
+        cells += [_fmt(row.get("saved_ratio", {}).get(b), ".3f", "x") for b in saved_bases]
         cells += [_fmt(row["gbps"], ".1f"), _fmt(row["percent_of_copy"], ".0f", "%")]
         cells += [_fmt(row["gflops"], ".1f")] if flops else []
         cells += [""]
@@ -337,6 +413,12 @@ def format_table(result: dict) -> str:
         cells += [c.rjust(w) for c, w in zip(r[2:-1], widths[2:])]
         lines.append("  ".join(cells + [r[-1]]).rstrip())
     return "\n".join(lines)
+
+
+def _shape_text(result: dict) -> str:
+    shape = ", ".join(f"{k}={v}" for k, v in result["shape"].items())
+    name = result.get("shape_name")  # results saved before named shapes existed have none
+    return f"{name} ({shape})" if name else shape
 
 
 def save(result: dict, json_path) -> None:
@@ -352,6 +434,8 @@ def save(result: dict, json_path) -> None:
     rows = [r for r in result["variants"] if r["status"] == "ok"]
     series = [(f"time / {b}", "time_ratio", b) for b in result["baselines"]]
     series += [(f"peak memory / {b}", "memory_ratio", b) for b in result["baselines"]]
+    series += [(f"saved / {b}", "saved_ratio", b) for b in result["baselines"]
+               if any(r.get("saved_ratio", {}).get(b) is not None for r in rows)]
     if not rows or not series:
         print(f"mmfast bench: no ratios to chart; wrote {path} without the PNG chart")
         return
@@ -359,14 +443,14 @@ def save(result: dict, json_path) -> None:
     ax = fig.subplots()
     height = 0.8 / len(series)
     for i, (label, key, base) in enumerate(series):
-        values = [r[key][base] or 0.0 for r in rows]  # a missing ratio (failed baseline) draws no bar
+        values = [r.get(key, {}).get(base) or 0.0 for r in rows]  # a missing ratio (failed baseline) draws no bar
         bars = ax.barh([y + i * height for y in range(len(rows))], values, height=height, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.set_yticks([y + 0.4 - height / 2 for y in range(len(rows))], [r["name"] for r in rows])
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("ratio to baseline (lower is better)")
-    shape = ", ".join(f"{k}={v}" for k, v in result["shape"].items())
+    shape = _shape_text(result)
     ax.set_title(f"{result['benchmark']} {shape} {result['dtype']} on {result['device']}: "
                  f"{result['machine']['gpu'] or result['machine']['cpu']}", fontsize=9)
     ax.legend(fontsize=8)
