@@ -2,5 +2,13 @@
 
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .linear_cross_entropy import linear_cross_entropy_forward
+from .lora import lora_linear_backward, lora_linear_forward, lora_linear_mask
 
-__all__ = ["cross_entropy_backward", "cross_entropy_forward", "linear_cross_entropy_forward"]
+__all__ = [
+    "cross_entropy_backward",
+    "cross_entropy_forward",
+    "linear_cross_entropy_forward",
+    "lora_linear_backward",
+    "lora_linear_forward",
+    "lora_linear_mask",
+]

@@ -99,3 +99,77 @@ def test_linear_cross_entropy_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", COMPILE_LINEAR_CROSS_ENTROPY], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+COMPILE_LORA = textwrap.dedent(
+    """
+    import itertools
+    import torch
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from mmfast.kernels import lora
+
+    # The launchers run for real on meta tensors of a large shape, so their own block and flag choices are
+    # what gets compiled; each launch is compiled instead, specialised as the JIT would specialise it (an
+    # argument equal to 1 becomes a constant, multiples of 16 and pointers are marked divisible), since that
+    # decides whether loads vectorise and pipeline.
+    compiled = {}
+
+    def compile_launch(kernel, grid, args, constexprs, options):
+        signature, constants, attrs = {}, dict(constexprs), {}
+        for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
+            kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+            signature[name] = kind
+            if kind == "constexpr":
+                constants[name] = attr
+            elif attr:
+                attrs[(index,)] = BaseBackend.parse_attr(attr)
+        signature.update({name: "constexpr" for name in constexprs})
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+        key = (source.hash(), tuple(sorted(options.items())))
+        if key in compiled:
+            return
+        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        name = (kernel.__name__, signature[kernel.arg_names[0]], constexprs)
+        assert binary.asm["cubin"], name
+        assert binary.metadata.shared <= 227 * 1024, (name, binary.metadata.shared)  # sm_90's opt-in limit
+        # The GEMMs run on Hopper's warpgroup MMA; the memory-bound skinny products, at 32 rows, on mma.sync.
+        if kernel is lora._lora_gemm_kernel and (constexprs["DOT_PRECISION"] == "tf32" or "16" in signature["a_ptr"]):
+            assert "wgmma.mma_async" in binary.asm["ptx"], ("no Hopper tensor-core MMA", name)
+        compiled[key] = binary
+
+    lora._launch = compile_launch
+    rows, features, out_features, rank, seed = 8192, 4096, 4096, 16, 1 << 60
+    for dtype, precision in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest"),
+                             (torch.float16, "highest")):
+        torch.set_float32_matmul_precision(precision)  # "high": tf32 dots, other fp32 blocks
+
+        def meta(*shape):
+            return torch.empty(*shape, dtype=dtype, device="meta")
+
+        x, weight, bias, lora_A, lora_B = (meta(rows, features), meta(out_features, features), meta(out_features),
+                                           meta(rank, features), meta(out_features, rank))
+        grad_out = meta(rows, out_features)
+        for with_bias, dropout_p in itertools.product((False, True), (0.0, 0.1)):
+            _, xa, mask = lora.lora_linear_forward(x, weight, bias if with_bias else None, lora_A, lora_B, 2.0,
+                                                   dropout_p, seed)
+        # Without dropout into a new grad_x; with dropout added into a given one; grad_bias alone.
+        for dropout_p, grad_x in ((0.0, None), (0.1, meta(rows, features))):
+            lora.lora_linear_backward(grad_out, x, weight, lora_A, lora_B, 2.0, xa, mask, dropout_p, seed, grad_x,
+                                      True, True, True, True, True)
+        lora.lora_linear_backward(grad_out, x, weight, lora_A, lora_B, 2.0, xa, mask, 0.0, seed, None, False, False,
+                                  True, False, False)
+    lora.lora_linear_mask(seed, rows, features, 0.1, "meta")
+    print("compiled", len(compiled))
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real in the gpu tests")
+def test_lora_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", COMPILE_LORA], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
