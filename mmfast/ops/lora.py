@@ -64,10 +64,11 @@ def lora_linear_multi(
     if not isinstance(projections, (list, tuple)) or not projections:
         raise ValueError("projections: expected a non-empty list of (weight, bias, lora_A, lora_B, scaling)")
     _checks.in_range("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     flat = []
     for index, projection in enumerate(projections):
-        flat.extend(_check_projection(index, x, projection, dtype))
+        flat.extend(_check_projection(index, x, projection, dtype, autocast))
     x = x.to(dtype)
     scalings = [float(p[4]) for p in projections]
 
@@ -84,7 +85,7 @@ def draw_seed() -> int:
     return int(torch.randint(0, 1 << 62, ()))
 
 
-def _check_projection(index: int, x: Tensor, projection, dtype: torch.dtype) -> list:
+def _check_projection(index: int, x: Tensor, projection, dtype: torch.dtype, autocast: bool) -> list:
     """The projection's four tensors (bias may be None), cast to `dtype`, after checking them against x."""
     if not isinstance(projection, (list, tuple)) or len(projection) != 5:
         raise ValueError(f"projections[{index}]: expected (weight, bias, lora_A, lora_B, scaling), got {projection!r}")
@@ -116,7 +117,7 @@ def _check_projection(index: int, x: Tensor, projection, dtype: torch.dtype) -> 
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"{name}scaling: expected a number, got {type(scaling).__name__}")
     tensors = [weight, bias, lora_A, lora_B]
-    if dtype == x.dtype:  # no autocast: every tensor must already be x's dtype
+    if not autocast:  # every tensor must already be x's dtype
         for arg, value in zip(("weight", "bias", "lora_A", "lora_B"), tensors):
             if value is not None and value.dtype != x.dtype:
                 raise TypeError(f"{name}{arg}: expected x's dtype {x.dtype}, got {value.dtype}")
