@@ -19,7 +19,8 @@ if os.environ.get("MMFAST_BUILD_EXT") == "1":
     ext_modules, cmdclass = [_build.setuptools_extension()], {"build_ext": _build.build_ext_command()}
 
 setup(
-    packages=["mmfast", "mmfast.ops", "mmfast.nn", "mmfast.bench", "mmfast.kernels", "mmfast.csrc"],
+    packages=["mmfast", "mmfast.ops", "mmfast.nn", "mmfast.bench", "mmfast.integrations", "mmfast.kernels",
+              "mmfast.csrc"],
     package_dir={"mmfast.kernels": "kernels", "mmfast.csrc": "csrc"},
     package_data={"mmfast.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
     ext_modules=ext_modules,

@@ -1,0 +1,4 @@
+"""Drop-ins for other libraries' models, each in its own module so that importing one never needs the others.
+
+  mmfast.integrations.peft   patch_peft_model / unpatch_peft_model: PEFT LoRA Linear layers on the fused op
+"""
