@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _keep(seed, offsets, dropout_p):
     # offsets are int64; their high word is the second Philox counter, so offsets past 2^32 do not wrap.
