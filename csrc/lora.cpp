@@ -109,7 +109,8 @@ LoRABackwardResult run_backward(const at::Tensor& grad_out, const at::Tensor& x,
   return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
 }
 
-// The keep mask as the kernels draw it: project a column of ones through the identity, row by row.
+// The keep mask as the kernels draw it: a projection of ones draws it (cpu: into the packed mask), then
+// ones expanded through it come out as keep / (1 - dropout_p).
 template <typename Device>
 at::Tensor run_mask(int64_t seed, int64_t rows, int64_t cols, double dropout_p, at::Device where) {
   const auto options = at::TensorOptions().device(where).dtype(at::kFloat);

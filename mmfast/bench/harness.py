@@ -18,6 +18,8 @@ and, where they apply:
     ITERATIONS, WORKER_TIMEOUT_S    in place of the harness's own, for steps too slow for them
     SHAPES                      named full-size shapes, for a benchmark measured at several: `--shape NAME`
                                 runs SHAPES[NAME] in place of shape(False)
+    PAIRED                      a variant every other one is also timed against step by step, in one
+                                process: for a small difference on a noisy machine (see measure_paired)
 
 and a Workload may carry `saved`, what autograd keeps for the backward (see saved_tensor_bytes).
 
@@ -164,13 +166,39 @@ def measure(workload: Workload, device: torch.device, warmup: int, iters: int) -
     return {"times_ms": times, "peak_extra_bytes": _peak_extra_bytes(workload, device)}
 
 
+def measure_paired(workload: Workload, paired: Workload, device: torch.device, warmup: int, iters: int) -> dict:
+    """measure() of `workload`, with each timed step right after a step of `paired`.
+
+    On a shared machine the speed drifts by more than the few percent a variant may differ from its
+    baseline; the ratio of two adjacent steps cancels the drift, and their median is robust to outliers.
+    """
+    for _ in range(warmup):
+        for w in (paired, workload):
+            w.refresh()
+            w.step()
+    _sync(device)
+    times, paired_times = [], []
+    for _ in range(iters):
+        paired_times.append(_time_step_ms(paired, device))
+        times.append(_time_step_ms(workload, device))
+    paired.refresh()
+    ratios = [t / p for t, p in zip(times, paired_times)]
+    return {"times_ms": times, "paired_times_ms": paired_times, "paired_ratio": statistics.median(ratios),
+            "peak_extra_bytes": _peak_extra_bytes(workload, device)}
+
+
 def worker_main(spec: dict) -> dict:
     """Build and measure one variant; any exception becomes a `failed` result with its message."""
     try:
         module = importlib.import_module(spec["module"])
         device = torch.device(spec["device"])
-        workload = module.build(spec["variant"], spec["shape"], DTYPES[spec["dtype"]], device)
-        result = {"status": "ok", **measure(workload, device, spec["warmup"], spec["iters"])}
+        dtype = DTYPES[spec["dtype"]]
+        workload = module.build(spec["variant"], spec["shape"], dtype, device)
+        if spec.get("paired"):
+            paired = module.build(spec["paired"], spec["shape"], dtype, device)
+            result = {"status": "ok", **measure_paired(workload, paired, device, spec["warmup"], spec["iters"])}
+        else:
+            result = {"status": "ok", **measure(workload, device, spec["warmup"], spec["iters"])}
         if workload.saved is not None:
             workload.refresh()
             result["saved"] = workload.saved()
@@ -268,9 +296,12 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
     flops = module.flops(shape, DTYPES[dtype]) if hasattr(module, "flops") else None
     floor = module.memory_floor(shape, DTYPES[dtype]) if hasattr(module, "memory_floor") else None
 
+    paired_with = getattr(module, "PAIRED", None)
+
     def spec(mod, variant, shape):
+        paired = paired_with if mod is module and variant != paired_with else None
         return {"module": mod.__name__, "variant": variant, "shape": shape, "device": device, "dtype": dtype,
-                "warmup": warmup, "iters": iters}
+                "warmup": warmup, "iters": iters, "paired": paired}
 
     def summarise(row, bytes_moved):
         if row["status"] == "ok":
@@ -323,6 +354,7 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
         "quick": bool(quick),
         "shape_name": shape_name,
         "shape": shape,
+        "paired": paired_with,
         "bytes_moved": moved,
         "flops": flops,
         "memory_floor_bytes": floor,
@@ -339,6 +371,8 @@ def run_benchmark(name: str, device: str = "cpu", dtype: str = "float32", quick:
             "gbps": "bytes_moved / median time",
             "gflops": "flops / median time",
             "memory_floor_ratio": "peak extra memory / memory_floor_bytes",
+            "paired_ratio": "median over steps of (this variant's step time / the step of `paired` just before it), "
+            "both in this variant's worker",
             "saved": "bytes of the distinct storages autograd saves for the backward in one forward "
             "(saved_tensors_hooks), parameters left out; beyond_input_bytes leaves the layer's input out too, "
             "with_input_bytes counts it where it is saved; saved_ratio compares beyond_input_bytes",
@@ -381,8 +415,9 @@ def format_table(result: dict) -> str:
     saved = any("saved" in row for row in result["variants"])
     saved_bases = [b for b in baselines
                    if any(row.get("saved_ratio", {}).get(b) is not None for row in result["variants"])]
+    paired = result.get("paired")  # results saved before paired timing existed have none
     header = ["variant", "status", "median ms"]
-    header += [f"time/{b}" for b in baselines]
+    header += [f"time/{b}" for b in baselines] + ([f"paired time/{paired}"] if paired else [])
     header += ["peak MiB"] + [f"mem/{b}" for b in baselines] + (["mem/floor"] if floor else [])
     header += (["saved MiB", "saved w/ x MiB"] if saved else []) + [f"saved/{b}" for b in saved_bases]
     header += ["GB/s", "% copy"] + (["GFLOP/s"] if flops else []) + ["note"]
@@ -394,6 +429,7 @@ def format_table(result: dict) -> str:
             continue
         cells = [row["name"], "ok", _fmt(row["median_ms"], ".2f")]
         cells += [_fmt(row["time_ratio"][b], ".2f", "x") for b in baselines]
+        cells += [_fmt(row.get("paired_ratio", 1.0 if row["name"] == paired else None), ".3f", "x")] if paired else []
         cells += [_fmt(row["peak_extra_bytes"] / MIB, ".1f")]
         cells += [_fmt(row["memory_ratio"][b], ".3f", "x") for b in baselines]
         cells += [_fmt(row["memory_floor_ratio"], ".3f", "x")] if floor else []

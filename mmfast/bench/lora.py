@@ -29,6 +29,9 @@ PEFT_COMPILED = "peft-compile"
 MMFAST = "mmfast-"
 VARIANTS = (BASE, PEFT, PEFT_COMPILED, *(f"{MMFAST}{b}" for b in backends.BACKENDS))
 BASELINES = (BASE, PEFT)
+# The targets are overheads over the base linear of a few percent, less than this machine's drift
+# between one variant's run and the next: each variant is also timed step by step against the base.
+PAIRED = BASE
 LEGEND = (
     "base: the frozen F.linear(x, W, b) alone + backward to x; "
     "peft: peft.tuners.lora.layer.Linear from get_peft_model(LoraConfig(r, lora_alpha=2r, lora_dropout)); "

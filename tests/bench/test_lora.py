@@ -4,6 +4,8 @@ Each run spawns one worker process per variant and measures the copy bandwidth, 
 variants whose saved tensors are known by formula run here.
 """
 
+import statistics
+
 import pytest
 import torch
 
@@ -43,9 +45,17 @@ def test_quick_run_saves_less_than_peft_with_dropout(three_variants):
     assert rows["mmfast-torch"]["saved_ratio"]["peft"] == pytest.approx(xa / (2 * x + xa))
     assert rows["mmfast-torch"]["saved_ratio"]["base"] is None  # base saves nothing: no ratio
 
+    # Every variant but base is also timed step by step against base, in its own worker.
+    assert result["paired"] == "base" and "paired_ratio" not in rows["base"]
+    for name in ("peft", "mmfast-torch"):
+        paired = rows[name]
+        assert len(paired["paired_times_ms"]) == len(paired["times_ms"]) == result["iters"]
+        ratios = [t / p for t, p in zip(paired["times_ms"], paired["paired_times_ms"])]
+        assert paired["paired_ratio"] == pytest.approx(statistics.median(ratios))
+
     table = format_table(result)
     assert "saved MiB" in table and "saved w/ x MiB" in table and "saved/peft" in table
-    assert "saved/base" not in table
+    assert "saved/base" not in table and "paired time/base" in table
 
 
 def test_named_shape_runs_in_place_of_the_default(monkeypatch):
