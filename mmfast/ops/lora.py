@@ -73,16 +73,22 @@ def lora_linear_multi(
     scalings = [float(p[4]) for p in projections]
 
     dropout_p = float(dropout_p) if training else 0.0
-    seed = draw_seed() if dropout_p > 0 else 0
-    request = backends.requested_backend(backend)
-    outputs = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), scalings, dropout_p, seed, request, *flat)
-    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outputs]
+    seed = draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    weights, biases, lora_As, lora_Bs = _per_projection(flat, 4)
+    # torch.library differentiates a list of tensors only when none is None: a missing bias is an empty tensor.
+    has_bias = [bias is not None for bias in biases]
+    biases = [x.new_empty(0) if bias is None else bias for bias in biases]
+    results = torch.ops.mmfast.lora_linear(
+        x.reshape(-1, x.shape[-1]).contiguous(), weights, biases, has_bias, lora_As, lora_Bs, scalings, dropout_p,
+        seed, backends.requested_backend(backend),
+    )
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in results[:len(projections)]]
 
-
-def draw_seed() -> int:
-    """The dropout seed of one call; projection i of the call uses seed + i. Drawn from torch's CPU
-    generator, so torch.manual_seed reproduces the masks."""
-    return int(torch.randint(0, 1 << 62, ()))
+def draw_seed() -> Tensor:
+    """The dropout seed of one call, an int64 CPU scalar; projection i of the call uses seed + i. Drawn
+    from torch's CPU generator, so torch.manual_seed reproduces the masks; a tensor, so that
+    torch.compile keeps the draw in its graph."""
+    return torch.randint(0, 1 << 62, (), dtype=torch.int64)
 
 
 def _check_projection(index: int, x: Tensor, projection, dtype: torch.dtype, autocast: bool) -> list:
@@ -124,39 +130,118 @@ def _check_projection(index: int, x: Tensor, projection, dtype: torch.dtype, aut
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
-class _LoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scalings, dropout_p, seed, backend, *flat):
-        name = backends.select(_OP, x.device, backend)
-        forward = backends.kernel(_OP, name, "forward")
-        x = x.contiguous()
-        outputs, saved = [], [x]
-        for index in range(len(scalings)):
-            weight, bias, lora_A, lora_B = (None if t is None else t.contiguous() for t in flat[4 * index:4 * index + 4])
-            # The inputs already have autocast's dtype; kernels that compute in another keep it.
-            with torch.autocast(x.device.type, enabled=False):
-                out, xa, mask = forward(x, weight, bias, lora_A, lora_B, scalings[index], dropout_p, seed + index)
-            outputs.append(out)
-            saved.extend((weight, lora_A, lora_B, xa, mask))
-        ctx.save_for_backward(*saved)
-        ctx.options = (name, scalings, dropout_p, seed, [flat[4 * i + 1] is not None for i in range(len(scalings))])
-        return tuple(outputs)
+# Backends that keep the dropout mask packed (uint8 (N, ceil(K / 8))); the others redraw it from the seed.
+_PACKED_MASK = ("cpu",)
 
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        name, scalings, dropout_p, seed, has_bias = ctx.options
-        backward = backends.kernel(_OP, name, "backward")
-        x, *saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_x, grads = None, []
-        for index, grad_out in enumerate(grad_outputs):
-            weight, lora_A, lora_B, xa, mask = saved[5 * index:5 * index + 5]
-            first = 5 + 4 * index  # this projection's weight among forward's inputs
-            need = (needs[0], needs[first], needs[first + 1] and has_bias[index], needs[first + 2], needs[first + 3])
-            with torch.autocast(x.device.type, enabled=False):
-                grad_x, *projection_grads = backward(
-                    grad_out.contiguous(), x, weight, lora_A, lora_B, scalings[index], xa, mask, dropout_p,
-                    seed + index, grad_x, *need,
-                )
-            grads.extend(projection_grads)
-        return (grad_x, None, None, None, None, *grads)
+
+def _per_projection(flat: list, count: int) -> list[list]:
+    return [flat[i::count] for i in range(count)]
+
+
+@torch.library.custom_op("mmfast::lora_linear", mutates_args=())
+def _forward(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    has_bias: list[bool],
+    lora_As: list[Tensor],
+    lora_Bs: list[Tensor],
+    scalings: list[float],
+    dropout_p: float,
+    seed: Tensor,
+    backend: str,
+) -> list[Tensor]:
+    """The outputs, then each projection's xa, then each one's mask (empty where it is redrawn from the seed)."""
+    forward = backends.kernel(_OP, backends.select(_OP, x.device, backend), "forward")
+    first_seed = int(seed)
+    # The inputs already have autocast's dtype; kernels that compute in another (cpu: float32 for bf16) keep it.
+    with torch.autocast(x.device.type, enabled=False):
+        results = [forward(x, weight, bias if has else None, lora_A.contiguous(), lora_B.contiguous(), scaling,
+                           dropout_p, first_seed + i)
+                   for i, (weight, bias, has, lora_A, lora_B, scaling)
+                   in enumerate(zip(weights, biases, has_bias, lora_As, lora_Bs, scalings))]
+    return [t for part in zip(*results) for t in part]
+
+
+@_forward.register_fake
+def _(x, weights, biases, has_bias, lora_As, lora_Bs, scalings, dropout_p, seed, backend):
+    rows, features = x.shape
+    packed = dropout_p > 0 and backends.select(_OP, x.device, backend) in _PACKED_MASK
+    mask_shape = (rows, (features + 7) // 8) if packed else (0,)
+    return ([x.new_empty(rows, w.shape[0]) for w in weights] + [x.new_empty(rows, a.shape[0]) for a in lora_As]
+            + [x.new_empty(mask_shape, dtype=torch.uint8) for _ in weights])
+
+
+@torch.library.custom_op("mmfast::lora_linear_backward", mutates_args=())
+def _backward(
+    grad_outs: list[Tensor],
+    x: Tensor,
+    weights: list[Tensor],
+    lora_As: list[Tensor],
+    lora_Bs: list[Tensor],
+    xas: list[Tensor],
+    masks: list[Tensor],
+    scalings: list[float],
+    dropout_p: float,
+    seed: Tensor,
+    needs: list[bool],
+    backend: str,
+) -> list[Tensor]:
+    """[grad_x] + (grad_weight, grad_bias, grad_A, grad_B) per projection; empty where `needs` says no.
+
+    needs: x's, then weight's, bias's, lora_A's and lora_B's per projection. x's gradient is summed
+    over the projections in one buffer.
+    """
+    backward = backends.kernel(_OP, backends.select(_OP, x.device, backend), "backward")
+    with torch.autocast(x.device.type, enabled=False):
+        grad_x, grads = _run_backward(backward, grad_outs, x, weights, lora_As, lora_Bs, xas, masks, scalings,
+                                      dropout_p, int(seed), needs)
+    return [x.new_empty(0) if g is None else g for g in (grad_x, *grads)]  # one empty each: outputs may not alias
+
+
+def _run_backward(backward, grad_outs, x, weights, lora_As, lora_Bs, xas, masks, scalings, dropout_p, first_seed,
+                  needs):
+    grad_x, grads = None, []
+    for i, (grad_out, weight, lora_A, lora_B, xa, mask, scaling) in enumerate(
+            zip(grad_outs, weights, lora_As, lora_Bs, xas, masks, scalings)):
+        need = (needs[0], *needs[1 + 4 * i:5 + 4 * i])
+        grad_x, *projection_grads = backward(grad_out.contiguous(), x, weight, lora_A.contiguous(),
+                                             lora_B.contiguous(), scaling, xa, mask, dropout_p, first_seed + i,
+                                             grad_x, *need)
+        grads.extend(projection_grads)
+    return grad_x, grads
+
+
+@_backward.register_fake
+def _(grad_outs, x, weights, lora_As, lora_Bs, xas, masks, scalings, dropout_p, seed, needs, backend):
+    shapes = [x.shape]
+    for weight, lora_A, lora_B in zip(weights, lora_As, lora_Bs):
+        shapes += [weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape]
+    return [x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, has_bias, lora_As, lora_Bs, scalings, dropout_p, seed, backend = inputs
+    count = len(weights)
+    ctx.save_for_backward(x, seed, *weights, *lora_As, *lora_Bs, *output[count:])
+    ctx.count, ctx.options = count, (scalings, dropout_p, backend)
+    needs = [x.requires_grad]
+    for weight, bias, has, lora_A, lora_B in zip(weights, biases, has_bias, lora_As, lora_Bs):
+        needs += [weight.requires_grad, has and bias.requires_grad, lora_A.requires_grad, lora_B.requires_grad]
+    ctx.needs = needs
+
+
+def _autograd_backward(ctx, grad_results):
+    count, (scalings, dropout_p, backend) = ctx.count, ctx.options
+    x, seed, *saved = ctx.saved_tensors
+    weights, lora_As, lora_Bs, xas, masks = (saved[i * count:(i + 1) * count] for i in range(5))
+    grad_outs = [torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device) if g is None else g
+                 for g, w in zip(grad_results[:count], weights)]
+    grads = torch.ops.mmfast.lora_linear_backward(grad_outs, x, weights, lora_As, lora_Bs, xas, masks, scalings,
+                                                  dropout_p, seed, ctx.needs, backend)
+    grads = [g if need else None for g, need in zip(grads, ctx.needs)]
+    grad_weights, grad_biases, grad_As, grad_Bs = _per_projection(grads[1:], 4)
+    return grads[0], grad_weights, grad_biases, None, grad_As, grad_Bs, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -68,7 +68,7 @@ def check_against_reference(backend, inputs, scaling, dropout_p, frozen=()):
     dtype = inputs["x"].dtype
     rows, features = inputs["x"].reshape(-1, inputs["x"].shape[-1]).shape
     torch.manual_seed(7)
-    seed = draw_seed()
+    seed = int(draw_seed())
     keep = keep_mask(backend, seed, rows, features, dropout_p).view(*inputs["x"].shape)
 
     def reference(**t):
@@ -149,7 +149,7 @@ def test_multi_equals_one_call_per_projection(backend):
     params = [{k: v.requires_grad_() for k, v in p.items() if k != "x" and v is not None} for p in (first, second)]
     projections = [(p["weight"], p.get("bias"), p["lora_A"], p["lora_B"], s) for p, s in zip(params, (0.5, 2.0))]
     torch.manual_seed(3)
-    seed = draw_seed()
+    seed = int(draw_seed())
     torch.manual_seed(3)
     outputs = lora_linear_multi(x, projections, dropout_p=0.2, backend=backend)
     sum(o.square().sum() for o in outputs).backward()
@@ -204,7 +204,8 @@ def test_saves_x_xa_and_a_compact_mask_never_dropout_x(backend):
     big = [s for s in activations if s.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), "only x itself may be as large as x"
     activation_bytes = sum(s.numel() * s.element_size() for s in activations if s.data_ptr() != x.data_ptr())
-    assert activation_bytes <= 64 * 8 * 4 + 64 * 256 // 8, "beyond x: xa and at most one bit per element of x"
+    seed = 8
+    assert activation_bytes <= 64 * 8 * 4 + 64 * 256 // 8 + seed, "beyond x: xa and at most a bit per element of x"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -268,3 +269,26 @@ def test_autocast_casts_weights_when_x_already_has_its_dtype():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = lora_linear(t["x"].bfloat16(), t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0)
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_compiles_without_graph_break(dropout_p):
+    """The ops are torch.library custom ops: dynamo and AOTAutograd trace them whole, seed draw included.
+    aot_eager runs the traced graph on torch's own generator, so it draws the seeds eager mode draws."""
+    t = make_inputs((2, 5), 17, 19, 4, torch.float32)
+    params = [t[k].clone().requires_grad_() for k in ("lora_A", "lora_B")]
+    x = t["x"].clone().requires_grad_()
+
+    def step(x, lora_A, lora_B):
+        q, k = lora_linear_multi(x, [(t["weight"], t["bias"], lora_A, lora_B, 2.0), (t["weight"], None, lora_A,
+                                                                                        lora_B, 0.5)],
+                                 dropout_p=dropout_p)
+        return (q * k).sum()
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        torch.manual_seed(0)
+        loss = fn(x, *params)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [x, *params])))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager)
