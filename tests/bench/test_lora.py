@@ -39,10 +39,11 @@ def test_quick_run_saves_less_than_peft_with_dropout(three_variants):
     mask = x
     assert rows["peft"]["saved"] == {"beyond_input_bytes": x + mask + xa, "with_input_bytes": x + mask + xa,
                                      "input_saved": False}
-    # mmfast's torch backend keeps x and xa, and a seed in place of the mask.
-    assert rows["mmfast-torch"]["saved"] == {"beyond_input_bytes": xa, "with_input_bytes": x + xa,
+    # mmfast's torch backend keeps x and xa, and a seed (an int64 scalar) in place of the mask.
+    seed = 8
+    assert rows["mmfast-torch"]["saved"] == {"beyond_input_bytes": xa + seed, "with_input_bytes": x + xa + seed,
                                              "input_saved": True}
-    assert rows["mmfast-torch"]["saved_ratio"]["peft"] == pytest.approx(xa / (2 * x + xa))
+    assert rows["mmfast-torch"]["saved_ratio"]["peft"] == pytest.approx((xa + seed) / (2 * x + xa))
     assert rows["mmfast-torch"]["saved_ratio"]["base"] is None  # base saves nothing: no ratio
 
     # Every variant but base is also timed step by step against base, in its own worker.
