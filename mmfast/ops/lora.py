@@ -84,6 +84,7 @@ def lora_linear_multi(
     )
     return [out.view(*x.shape[:-1], out.shape[-1]) for out in results[:len(projections)]]
 
+
 def draw_seed() -> Tensor:
     """The dropout seed of one call, an int64 CPU scalar; projection i of the call uses seed + i. Drawn
     from torch's CPU generator, so torch.manual_seed reproduces the masks; a tensor, so that
