@@ -11,8 +11,6 @@
 
 #include <ATen/OpMathType.h>
 
-#include <algorithm>
-
 #include "cpu/native_gemm.h"
 #include "lora_kernels.h"
 

@@ -49,9 +49,6 @@ MMFAST_LORA_KERNELS
 #ifdef MMFAST_WITH_CUDA
 namespace cuda {
 MMFAST_LORA_KERNELS
-// dst[i, j] = (accumulate ? dst[i, j] : 0) + src[i, j] * keep[row0 + i, j] / (1 - dropout_p), for
-// (rows, K) src and dst with unit stride along K: what the cuda products above are built from.
-void dropout_rows(const at::Tensor& src, at::Tensor& dst, bool accumulate, int64_t row0, const Dropout& dropout);
 }  // namespace cuda
 #endif
 

@@ -42,8 +42,8 @@ __global__ void dropout_rows_kernel(const scalar_t* __restrict__ src, int64_t sr
   }
 }
 
-}  // namespace
-
+// dst[i, j] = (accumulate ? dst[i, j] : 0) + src[i, j] * keep[row0 + i, j] / (1 - dropout_p), for (rows, K)
+// src and dst with unit stride along K: what the three products are built from.
 void dropout_rows(const at::Tensor& src, at::Tensor& dst, bool accumulate, int64_t row0, const Dropout& dropout) {
   TORCH_CHECK(src.is_cuda() && dst.is_cuda(), "the cuda backend needs CUDA tensors");
   TORCH_CHECK(src.dim() == 2 && src.stride(1) == 1 && dst.sizes() == src.sizes() && dst.stride(1) == 1 &&
@@ -71,8 +71,6 @@ void dropout_rows(const at::Tensor& src, at::Tensor& dst, bool accumulate, int64
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-namespace {
 
 // Rows of one chunk of dropout(src): bounded by elements so the chunk stays a small, reused buffer
 // while the GEMM on it still runs at speed.
