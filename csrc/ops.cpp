@@ -2,6 +2,7 @@
 // (`_C.cpu`, `_C.cuda`) under the names mmfast/backends.py looks up: `<op>_forward`, `<op>_backward`.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "cross_entropy.h"
 #include "linear_cross_entropy.h"
 #include "lora.h"
@@ -79,6 +80,32 @@ void bind_lora_linear(py::module_& m) {
         py::arg("device"), py::call_guard<py::gil_scoped_release>());
 }
 
+template <auto Forward, auto Backward>
+void bind_cross_modal_attention(py::module_& m) {
+  m.def(
+      "cross_modal_attention_forward",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
+         const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual) {
+        return Forward(q, k, v, cu_seqlens_q, cu_seqlens_k, {max_seqlen_q, max_seqlen_k, causal, scale},
+                       gate.value_or(at::Tensor()), residual.value_or(at::Tensor()));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+      py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"), py::arg("gate"),
+      py::arg("residual"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "cross_modal_attention_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& attn, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+         int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale, const std::optional<at::Tensor>& gate) {
+        return Backward(grad_out, q, k, v, attn, lse, cu_seqlens_q, cu_seqlens_k,
+                        {max_seqlen_q, max_seqlen_k, causal, scale}, gate.value_or(at::Tensor()));
+      },
+      py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn"), py::arg("lse"),
+      py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+      py::arg("causal"), py::arg("scale"), py::arg("gate"), py::call_guard<py::gil_scoped_release>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -87,11 +114,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_cross_entropy<mmfast::cpu::cross_entropy_forward, mmfast::cpu::cross_entropy_backward>(cpu);
   bind_linear_cross_entropy<mmfast::cpu::linear_cross_entropy_forward>(cpu);
   bind_lora_linear<mmfast::cpu::lora_linear_forward, mmfast::cpu::lora_linear_backward, mmfast::cpu::lora_linear_mask>(cpu);
+  bind_cross_modal_attention<mmfast::cpu::cross_modal_attention_forward, mmfast::cpu::cross_modal_attention_backward>(cpu);
 #ifdef MMFAST_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels for CUDA tensors");
   bind_cross_entropy<mmfast::cuda::cross_entropy_forward, mmfast::cuda::cross_entropy_backward>(cuda);
   bind_linear_cross_entropy<mmfast::cuda::linear_cross_entropy_forward>(cuda);
   bind_lora_linear<mmfast::cuda::lora_linear_forward, mmfast::cuda::lora_linear_backward,
                    mmfast::cuda::lora_linear_mask>(cuda);
+  bind_cross_modal_attention<mmfast::cuda::cross_modal_attention_forward,
+                             mmfast::cuda::cross_modal_attention_backward>(cuda);
 #endif
 }

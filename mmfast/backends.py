@@ -23,7 +23,7 @@ import torch
 from . import _build
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-OPS = ("cross_entropy", "linear_cross_entropy", "lora_linear")
+OPS = ("cross_entropy", "linear_cross_entropy", "lora_linear", "cross_modal_attention")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 _overrides: list[str] = []  # a plain global, not a thread-local, so torch.compile can guard on it

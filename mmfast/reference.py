@@ -120,3 +120,84 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, scaling, xa, mask,
     grad_A = (gxa.T @ _dropout(_acc(x), seed, dropout_p)).to(lora_A.dtype) if need_grad_A else None
     grad_B = (scaling * (g.T @ _acc(xa))).to(lora_B.dtype) if need_grad_B else None
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
+
+
+def _attention_samples(cu_seqlens_q, cu_seqlens_k):
+    """(b, q rows, k rows) per sample, as slices of the packed tensors."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(starts_q) - 1):
+        yield b, slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+
+
+def _attention_scores(q, k, causal, scale):
+    """Scores (Hq, lq, lk) of one sample in the accumulation dtype, -inf where a key is not allowed."""
+    groups = q.shape[1] // k.shape[1]
+    keys = _acc(k).repeat_interleave(groups, dim=1)
+    scores = scale * torch.einsum("ihd,jhd->hij", _acc(q), keys)
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        rows = torch.arange(lq, device=q.device)[:, None]
+        allowed = torch.arange(lk, device=q.device)[None, :] <= rows + lk - lq
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores
+
+
+def _attention_probs(scores, lse):
+    """softmax from the row logsumexp; rows with no allowed key (lse = -inf) are all zero."""
+    finite = torch.isfinite(lse)
+    return torch.where(finite[..., None], torch.exp(scores - torch.where(finite, lse, 0)[..., None]), 0)
+
+
+def cross_modal_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                  gate, residual):
+    """Per-sample attention over the real lengths only; rows with no allowed key get exactly zero."""
+    acc_dtype = _acc(q).dtype
+    groups = q.shape[1] // k.shape[1]
+    attn = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype, device=q.device)
+    for _, rows, keys in _attention_samples(cu_seqlens_q, cu_seqlens_k):
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue
+        scores = _attention_scores(q[rows], k[keys], causal, scale)
+        lse[:, rows] = torch.logsumexp(scores, dim=-1)
+        probs = _attention_probs(scores, lse[:, rows])
+        values = _acc(v[keys]).repeat_interleave(groups, dim=1)
+        attn[rows] = torch.einsum("hij,jhd->ihd", probs, values)
+    out = None
+    if gate is not None or residual is not None:
+        out = attn if gate is None else torch.tanh(gate.to(acc_dtype))[:, None] * attn
+        if residual is not None:
+            out = out + _acc(residual)
+        out = out.to(q.dtype)
+    return out, attn.to(q.dtype), lse.float() if acc_dtype != torch.float64 else lse
+
+
+def cross_modal_attention_backward(grad_out, q, k, v, attn, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, causal, scale, gate):
+    acc_dtype = _acc(q).dtype
+    groups = q.shape[1] // k.shape[1]
+    g = _acc(grad_out)
+    delta = (g * _acc(attn)).sum(-1)  # (Tq, Hq)
+    grad_gate = None
+    if gate is not None:
+        tanh = torch.tanh(gate.to(acc_dtype))
+        grad_gate = ((1 - tanh * tanh) * delta.sum(0)).to(gate.dtype)
+        g = g * tanh[:, None]
+        delta = delta * tanh
+    grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    grad_k = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
+    grad_v = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
+    for _, rows, keys in _attention_samples(cu_seqlens_q, cu_seqlens_k):
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue
+        scores = _attention_scores(q[rows], k[keys], causal, scale)
+        probs = _attention_probs(scores, lse[:, rows].to(acc_dtype))  # (Hq, lq, lk)
+        values = _acc(v[keys]).repeat_interleave(groups, dim=1)
+        keys_acc = _acc(k[keys]).repeat_interleave(groups, dim=1)
+        grad_probs = torch.einsum("ihd,jhd->hij", g[rows], values)
+        grad_scores = probs * (grad_probs - delta[rows].T[..., None]) * scale
+        grad_q[rows] = torch.einsum("hij,jhd->ihd", grad_scores, keys_acc)
+        lk, hk, d = k[keys].shape
+        grad_k[keys] = torch.einsum("hij,ihd->jhd", grad_scores, _acc(q[rows])).view(lk, hk, groups, d).sum(2)
+        grad_v[keys] = torch.einsum("hij,ihd->jhd", probs, g[rows]).view(lk, hk, groups, d).sum(2)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_gate
