@@ -107,7 +107,8 @@ T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// x[j] = exp(x[j] - shift); returns the sum.
+// x[j] = exp(x[j] - shift); returns the sum. float uses at::vec's exp_u20 (as torch's own CPU flash attention):
+// a softmax needs no last-ulp exp, and the exponential is the one non-GEMM cost per score.
 template <typename T>
 T exp_shifted(T* x, int64_t n, T shift) {
   int64_t j = 0;
@@ -115,7 +116,7 @@ T exp_shifted(T* x, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
     Vec total(0.0f), s(shift);
     for (; j + Vec::size() <= n; j += Vec::size()) {
-      Vec e = (Vec::loadu(x + j) - s).exp();
+      Vec e = (Vec::loadu(x + j) - s).exp_u20();
       e.store(x + j);
       total = total + e;
     }
@@ -126,6 +127,18 @@ T exp_shifted(T* x, int64_t n, T shift) {
     sum += x[j];
   }
   return sum;
+}
+
+// ds = p * (ds - delta) * scale: the score gradient from the probability gradient, in place.
+template <typename T>
+void softmax_grad(const T* p, T* ds, int64_t n, T delta, T scale) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec d(delta), c(scale);
+    for (; j + Vec::size() <= n; j += Vec::size())
+      (Vec::loadu(p + j) * (Vec::loadu(ds + j) - d) * c).store(ds + j);
+  }
+  for (; j < n; ++j) ds[j] = p[j] * (ds[j] - delta) * scale;
 }
 
 template <typename T>
@@ -287,7 +300,7 @@ void backward_kernel(const Problem<T>& p, const Lengths& len, const T* grad_out,
             }
             exp_shifted(s, allowed, row_lse);
             std::fill(s + allowed, s + cols, T(0));
-            for (int64_t j = 0; j < cols; ++j) ds[j] = s[j] * (ds[j] - delta[i]) * p.scale;
+            softmax_grad(s, ds, cols, delta[i], p.scale);
           }
           gemm<T>(true, false, cols, dim, rows, T(1), probs.data(), cols, d_out.data(), dim, T(1), dv.data() + n0 * dim,
                   dim);
