@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("cross_entropy", "linear_cross_entropy", "lora")
+BENCHMARKS = ("cross_entropy", "linear_cross_entropy", "lora", "attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 
