@@ -173,3 +173,90 @@ def test_lora_kernels_compile_for_hopper():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     run = subprocess.run([sys.executable, "-c", COMPILE_LORA], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+COMPILE_ATTENTION = textwrap.dedent(
+    """
+    import torch
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+    from mmfast.kernels import attention
+
+    # The launchers run for real on meta tensors, so their own flags and GPU dot settings are what gets compiled;
+    # each launch is compiled instead of run, specialised as the JIT would (see the LoRA test), once per config the
+    # autotuner could time for it, or for the first of them only where ALL is False.
+    compiled = {}
+    ALL = True
+
+    def compile_launch(kernel, grid, args, constexprs, options=None):
+        if isinstance(kernel, Autotuner):
+            fn, configs = kernel.fn, attention.candidate_configs(kernel, constexprs)
+            assert configs, (kernel.fn.__name__, constexprs)
+            variants = [({**constexprs, **c.kwargs}, {"num_warps": c.num_warps, "num_stages": c.num_stages})
+                        for c in (configs if ALL else configs[:1])]
+        else:
+            fn, variants = kernel, [(constexprs, options)]
+        for constexprs, options in variants:
+            signature, constants, attrs = {}, dict(constexprs), {}
+            for index, (name, value) in enumerate(zip(fn.arg_names, args)):
+                kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+                signature[name] = kind
+                if kind == "constexpr":
+                    constants[name] = attr
+                elif attr:
+                    attrs[(index,)] = BaseBackend.parse_attr(attr)
+            signature.update({name: "constexpr" for name in constexprs})
+            source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+            key = (source.hash(), tuple(sorted(options.items())))
+            if key in compiled:
+                continue
+            binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            name = (fn.__name__, signature[fn.arg_names[0]], constexprs, options)
+            assert binary.asm["cubin"], name
+            assert binary.metadata.shared <= 227 * 1024, (name, binary.metadata.shared)  # sm_90's opt-in limit
+            # 16-bit and tf32 products run on Hopper's warpgroup MMA.
+            if fn is not attention._attention_backward_preprocess_kernel and (
+                    constexprs["DOT_PRECISION"] == "tf32" or "16" in signature["q_ptr"]):
+                assert "wgmma.mma_async" in binary.asm["ptx"], ("no Hopper tensor-core MMA", name)
+            compiled[key] = binary
+
+    attention._launch = compile_launch
+    samples, max_q, max_k = 8, 1024, 1536
+    # dtype, matmul precision, head dim, (Hq, Hk), causal, gate, residual, every candidate config
+    cases = [
+        (torch.bfloat16, "highest", 128, (32, 8), True, True, True, True),  # training's case: all configs
+        (torch.float16, "highest", 80, (16, 16), False, False, False, False),  # padded head dim, no epilogue
+        (torch.bfloat16, "highest", 64, (8, 8), False, False, True, False),
+        (torch.float32, "high", 32, (8, 2), True, True, False, False),  # tf32
+        (torch.float32, "highest", 32, (4, 4), False, False, True, False),  # fp32 on FMA units
+    ]
+    for dtype, precision, head_dim, (heads_q, heads_k), causal, gated, with_residual, every in cases:
+        torch.set_float32_matmul_precision(precision)
+        ALL = every
+
+        def meta(*shape, dtype=dtype):
+            return torch.empty(*shape, dtype=dtype, device="meta")
+
+        q = meta(samples * max_q, heads_q, head_dim)
+        k, v = (meta(samples * max_k, heads_k, head_dim) for _ in range(2))
+        cu_seqlens_q, cu_seqlens_k = (meta(samples + 1, dtype=torch.int32) for _ in range(2))
+        gate = meta(heads_q, dtype=torch.float32) if gated else None
+        residual = meta(*q.shape) if with_residual else None
+        options = (cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, head_dim**-0.5)
+        _, attn, lse = attention.cross_modal_attention_forward(q, k, v, *options, gate, residual)
+        attention.cross_modal_attention_backward(meta(*q.shape), q, k, v, attn, lse, *options, gate)
+    print("compiled", len(compiled))
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real in the gpu tests")
+def test_attention_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", COMPILE_ATTENTION], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
