@@ -268,3 +268,36 @@ def test_bad_padded_mask_is_refused(mask, match):
     q, k = torch.randn(2, 2, 3, 32, device=DEVICE), torch.randn(2, 2, 7, 32, device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
         cross_modal_attention(q, k, k, key_padding_mask=mask.to(DEVICE))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="peak RSS of a worker process, on the cpu backend")
+def test_scores_are_never_materialised():
+    """Peak RSS of one forward+backward, in its own process: the torch backend holds a sample's (H, lq, lk)
+    scores and probabilities; the cpu backend's extra memory stays far below one such buffer."""
+    from mmfast.bench import harness
+
+    shape = {"lq": [2048], "lk": [2048], "Hq": 2, "Hk": 2, "D": 32, "causal": False, "backward": True}
+    scores_bytes = 2 * 2048 * 2048 * 4
+    peaks = {}
+    for variant in ("mmfast-torch", "mmfast-cpu"):
+        spec = {"module": "mmfast.bench.attention", "variant": variant, "shape": shape, "device": "cpu",
+                "dtype": "float32", "warmup": 1, "iters": 1}
+        result = harness.run_worker(spec)
+        assert result["status"] == "ok", result
+        peaks[variant] = result["peak_extra_bytes"]
+    assert peaks["mmfast-torch"] > scores_bytes, "the measurement must see the materialised scores"
+    assert peaks["mmfast-cpu"] < 0.25 * scores_bytes, peaks
+
+
+def test_backward_keeps_only_the_output_and_the_logsumexp():
+    """Beyond its inputs (q, k, v, offsets, gate), autograd keeps the attention output and the float32 row
+    logsumexp: nothing of the (lq, lk) scores."""
+    inputs, cu_q, cu_k = make_inputs([40, 3], [50, 7], 4, 2, 32, torch.bfloat16, gated=True)
+    leaves = {name: t.requires_grad_() for name, t in inputs.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cross_modal_attention(**leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    inputs_seen = [t for t in saved if any(t is leaf for leaf in leaves.values()) or t.dtype == torch.int32]
+    others = sorted((tuple(t.shape), t.dtype) for t in saved if all(t is not s for s in inputs_seen))
+    tq, hq, d = inputs["q"].shape
+    assert others == sorted([((tq, hq, d), torch.bfloat16), ((hq, tq), torch.float32)]), others
