@@ -17,7 +17,7 @@
 //     scores key tiles of 32 keys with one key per lane and accumulates dQ += dS K with lanes over D.
 // Rows with no allowed key have lse = -inf and attn = 0: their P and dS are 0, so they contribute
 // nothing and get a zero gradient; keys no row reads get zero gradients.
-#include "attention.h"
+#include "attention_common.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,27 +32,11 @@
 
 namespace mmfast::cuda {
 
-// Defined in attention.cu.
-namespace attention_detail {
+using namespace attention_detail;
 
-struct AttentionShape {
-  int64_t total_q, total_k, num_heads, num_kv_heads, head_dim, batch;
-};
-
-AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                      const AttentionOptions& options);
-at::Tensor gate_tanh(const char* op, const at::Tensor& gate, const at::Tensor& q, int64_t num_heads);
-void reserve_shared_memory(const char* op, const void* kernel, size_t bytes, int64_t head_dim, at::ScalarType dtype);
-dim3 attention_grid(const char* op, int64_t max_seqlen, int64_t block_rows, int64_t batch, int64_t heads);
-
-}  // namespace attention_detail
 
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarp * kWarps;
 constexpr int kRowsPerWarp = 4;                 // dQ: query rows per warp
 constexpr int kBlockM = kWarps * kRowsPerWarp;  // dQ: query rows per block
 constexpr int kBlockN = kWarp;                  // dQ: keys per tile, one per lane
@@ -61,48 +45,6 @@ constexpr int kBlockKeys = kWarps * kKeysPerWarp;  // dK/dV: keys per block
 constexpr int kBlockQ = kWarp;                  // dK/dV: query rows per tile, one per lane
 constexpr int kDeltaThreads = 256;
 
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return static_cast<acc_t>(-INFINITY);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_tile(acc_t* dst, int ld, const scalar_t* __restrict__ src, int64_t src_row_stride,
-                                          int rows, int tile_rows, int head_dim, acc_t mul = acc_t(1)) {
-  for (int idx = threadIdx.x; idx < tile_rows * head_dim; idx += blockDim.x) {
-    const int r = idx / head_dim, d = idx % head_dim;
-    dst[r * ld + d] = r < rows ? mul * static_cast<acc_t>(src[r * src_row_stride + d]) : acc_t(0);
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int head_dim) {
-  acc_t s = 0;
-#pragma unroll 8
-  for (int d = 0; d < head_dim; ++d) s += a[d] * b[d];
-  return s;
-}
-
-struct Span {
-  int64_t start, len;
-};
-
-__device__ __forceinline__ Span sample_span(const int32_t* __restrict__ cu, int b, int64_t total) {
-  int64_t start = cu[b], end = cu[b + 1];
-  start = start < 0 ? 0 : (start > total ? total : start);
-  end = end < start ? start : (end > total ? total : end);
-  return {start, end - start};
-}
 
 // delta[e] = sum_d grad_out[e, d] * attn[e, d] for the entries e = t * Hq + h.
 template <typename scalar_t, typename acc_t>
@@ -307,18 +249,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(
   }
 }
 
-template <typename F>
-void dispatch_chunks(int64_t head_dim, F&& f) {
-  if (head_dim <= 64) {
-    f(std::integral_constant<int, 2>{});
-  } else if (head_dim <= 128) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
-
-int shared_ld(int64_t head_dim) { return static_cast<int>(head_dim % 2 == 0 ? head_dim + 1 : head_dim); }
 
 }  // namespace
 
@@ -327,7 +257,6 @@ AttentionBackwardResult cross_modal_attention_backward(const at::Tensor& grad_ou
                                                        const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
                                                        const at::Tensor& cu_seqlens_k, const AttentionOptions& options,
                                                        const at::Tensor& gate) {
-  using namespace attention_detail;
   constexpr const char* op = "cross_modal_attention_backward";
   const AttentionShape shape = check_attention_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, options);
   for (const at::Tensor* t : {&grad_out, &attn}) {
