@@ -212,7 +212,8 @@ void forward_kernel(const Problem<T>& p, const Lengths& len, T* attn, T* lse, co
     const T* q_tile = p.q + (len.q_start[b] + r0) * ldq + h * dim;
     const T* k_head = p.k + len.k_start[b] * ldk + (h / p.group()) * dim;
     const T* v_head = p.v + len.k_start[b] * ldk + (h / p.group()) * dim;
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * dim, T(0)), max(kBlockQ, neg_inf), sum(kBlockQ, T(0));
+    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * dim, T(0)), running_max(kBlockQ, neg_inf),
+        running_sum(kBlockQ, T(0));
     for (int64_t n0 = 0; n0 < keys; n0 += kBlockK) {
       const int64_t cols = std::min(kBlockK, keys - n0);
       gemm<T>(false, true, rows, cols, dim, p.scale, q_tile, ldq, k_head + n0 * ldk, ldk, T(0), scores.data(), cols);
@@ -221,10 +222,10 @@ void forward_kernel(const Problem<T>& p, const Lengths& len, T* attn, T* lse, co
         const int64_t allowed = std::clamp<int64_t>(key_limit(r0 + i, lq, lk, p.causal) - n0, 0, cols);
         std::fill(s + allowed, s + cols, T(0));  // masked keys weigh nothing in the product below
         if (allowed == 0) continue;
-        const T m = std::max(max[i], row_max(s, allowed));
-        const T correction = std::exp(max[i] - m);  // 0 on the row's first keys: exp(-inf)
-        sum[i] = sum[i] * correction + exp_shifted(s, allowed, m);
-        max[i] = m;
+        const T m = std::max(running_max[i], row_max(s, allowed));
+        const T correction = std::exp(running_max[i] - m);  // 0 on the row's first keys: exp(-inf)
+        running_sum[i] = running_sum[i] * correction + exp_shifted(s, allowed, m);
+        running_max[i] = m;
         scale_row(acc.data() + i * dim, dim, correction);
       }
       gemm<T>(false, false, rows, dim, cols, T(1), scores.data(), cols, v_head + n0 * ldk, ldk, T(1), acc.data(), dim);
@@ -233,9 +234,9 @@ void forward_kernel(const Problem<T>& p, const Lengths& len, T* attn, T* lse, co
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t t = len.q_start[b] + r0 + i, offset = t * ldq + h * dim;
       T* a = attn + offset;
-      const T inv = sum[i] > 0 ? T(1) / sum[i] : T(0);  // no allowed key: exactly zero attention
+      const T inv = running_sum[i] > 0 ? T(1) / running_sum[i] : T(0);  // no allowed key: exactly zero attention
       for (int64_t d = 0; d < dim; ++d) a[d] = acc[i * dim + d] * inv;
-      if (sum[i] > 0) lse[h * p.total_q + t] = max[i] + std::log(sum[i]);
+      if (running_sum[i] > 0) lse[h * p.total_q + t] = running_max[i] + std::log(running_sum[i]);
       if (out != nullptr) {
         T* o = out + offset;
         for (int64_t d = 0; d < dim; ++d) o[d] = (residual != nullptr ? residual[offset + d] : T(0)) + g * a[d];
@@ -260,7 +261,7 @@ void backward_kernel(const Problem<T>& p, const Lengths& len, const T* grad_out,
         costs.push_back(static_cast<double>(group) * (len.q_len[b] + 1) * (len.k_len[b] + 1));
       }
   run_balanced(costs, [&](int64_t index) {
-    const auto [b, hk, unused] = tasks[index];
+    const int64_t b = tasks[index].sample, hk = tasks[index].head;
     const int64_t lq = len.q_len[b], lk = len.k_len[b];
     const T* k_head = p.k + len.k_start[b] * ldk + hk * dim;
     const T* v_head = p.v + len.k_start[b] * ldk + hk * dim;
