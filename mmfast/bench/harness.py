@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("cross_entropy", "linear_cross_entropy", "lora", "attention")
+BENCHMARKS = ("cross_entropy", "linear_cross_entropy", "lora", "attention", "train-step")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 
@@ -78,7 +78,7 @@ class Workload:
 def benchmark_module(name: str):
     if name not in BENCHMARKS:
         raise ValueError(f"name: expected one of {', '.join(BENCHMARKS)}, got {name!r}")
-    return importlib.import_module(f"mmfast.bench.{name}")
+    return importlib.import_module(f"mmfast.bench.{name.replace('-', '_')}")  # train-step: train_step.py
 
 
 # ---------------------------------------------------------------- inside the worker process

@@ -1,0 +1,287 @@
+"""Mini-model convergence (as Liger-Kernel's): mmfast.patch changes the speed of training, not its course.
+
+Each tiny, randomly initialised model (built from a config: no downloads) trains 20 AdamW steps twice from
+the same weights on the same fixed ragged batches (images + padded text, labels -100 on padding and image
+tokens): once as transformers and PEFT wrote it, once patched (cpu backend). The loss at every step and
+every parameter at the end must agree, and the fused paths must have run (attention op calls counted by
+mmfast.integrations.transformers.report(), LoRA layers and loss heads listed by the patch report).
+
+Tolerances. fp32: every op reassociates sums (blocked softmax, fused GEMMs), so the two runs differ by
+rounding from the first step (~1e-7 relative) and AdamW, which divides by sqrt(v), turns a near-zero
+gradient's rounding into a step of up to 2 x lr; over 20 steps that bounds parameter drift at a few
+lr (lr 1e-3 here, so atol 1e-4 would be met only where no gradient component sits near zero). Measured
+drift is far below the bounds chosen: loss rtol 1e-4, parameters atol 1e-4 + rtol 1e-3 (see FP32).
+bf16: Liger's mini-model tolerances, loss 5e-2, parameters 1e-2.
+
+Dropout is off everywhere: the fused LoRA op draws its dropout seed differently from nn.Dropout.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import mmfast  # noqa: E402
+from mmfast.integrations import transformers as mt  # noqa: E402
+
+STEPS = 20
+LR = 1e-3
+VOCAB = 1000
+IMAGE = VOCAB - 1  # the image token id
+PAD = 0
+BACKEND = "cpu"
+FP32 = {"loss_rtol": 1e-4, "loss_atol": 1e-6, "param_atol": 1e-4, "param_rtol": 1e-3}
+BF16 = {"loss_rtol": 5e-2, "loss_atol": 5e-2, "param_atol": 1e-2, "param_rtol": 1e-2}
+LORA_TARGETS = ["q_proj", "v_proj"]
+# The bias of a key projection adds the same score to every key of a query row: softmax ignores it, so its
+# true gradient is 0 and what both runs compute is rounding noise, which AdamW scales to steps of ~lr.
+# Those parameters cannot agree between any two implementations; they are left out of the comparison.
+KEY_BIAS = re.compile(r"(k_proj|\.key)\.bias$")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def text_batch(generator, lengths, length, image_tokens: int, vocab: int = VOCAB):
+    """Right-padded ids of the given real lengths, `image_tokens` image tokens after the first token."""
+    batch = len(lengths)
+    ids = torch.randint(2, vocab - 1, (batch, length), generator=generator)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, real in enumerate(lengths):
+        mask[row, :real] = 1
+    ids[mask == 0] = PAD
+    if image_tokens:
+        ids[:, 1:1 + image_tokens] = IMAGE
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    return ids, mask, labels
+
+
+def lm_batches(image_size: int, image_tokens: int, *, pixel_shape=None, extra=None, steps: int = 2):
+    """A few fixed ragged batches of 2 (cycled over the steps): pixel values + right-padded text."""
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for step in range(steps):
+        length = 16 + image_tokens
+        ids, mask, labels = text_batch(generator, [length, length - 5 - 2 * step], length, image_tokens)
+        shape = pixel_shape or (2, 3, image_size, image_size)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                 "pixel_values": torch.randn(*shape, generator=generator)}
+        batch.update(extra or {})
+        batches.append(batch)
+    return batches
+
+
+def contrastive_batches(image_size: int, steps: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for step in range(steps):
+        ids, mask, _ = text_batch(generator, [12, 7 + step], 12, 0)
+        batches.append({"input_ids": ids, "attention_mask": mask, "return_loss": True,
+                        "pixel_values": torch.randn(2, 3, image_size, image_size, generator=generator)})
+    return batches
+
+
+# ------------------------------------------------------------------------------------------- models
+
+NO_DROPOUT = {"attention_dropout": 0.0}
+
+
+def llama(**overrides):
+    return transformers.LlamaConfig(**{
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "pad_token_id": PAD, **overrides})
+
+
+def clip_config():
+    text = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=32, pad_token_id=PAD,
+                                       eos_token_id=2, bos_token_id=1, **NO_DROPOUT)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8, **NO_DROPOUT)
+    return transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+
+
+def siglip_config():
+    text = transformers.SiglipTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **NO_DROPOUT)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=16, patch_size=8, **NO_DROPOUT)
+    return transformers.SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+
+
+def llava_config(text_layers: int = 2):
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8, **NO_DROPOUT)
+    return transformers.LlavaConfig(vision_config=vision, text_config=llama(num_hidden_layers=text_layers),
+                                    image_token_index=IMAGE, image_seq_length=4)
+
+
+def idefics3_config():
+    vision = transformers.Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=8, **NO_DROPOUT)
+    return transformers.Idefics3Config(vision_config=vision.to_dict(), text_config=llama().to_dict(),
+                                       image_token_id=IMAGE, scale_factor=2, pad_token_id=PAD)
+
+
+def blip2_config():
+    vision = transformers.Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=16, patch_size=8, **NO_DROPOUT)
+    qformer = transformers.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=64, cross_attention_frequency=1,
+                                              encoder_hidden_size=32, hidden_dropout_prob=0.0,
+                                              attention_probs_dropout_prob=0.0, vocab_size=64,
+                                              max_position_embeddings=32)
+    text = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                  dropout=0.0, attention_dropout=0.0, pad_token_id=1)
+    return transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                    text_config=text.to_dict(), num_query_tokens=4, image_token_index=IMAGE)
+
+
+# Attention modules that compute attention themselves (not through transformers' AttentionInterface):
+# SigLIP's pooling head is a torch.nn.MultiheadAttention.
+LEFT_ALONE = {"siglip": {"vision_model.head.attention"}}
+
+# name -> (model class, config builder, batches builder, LM head (a causal-LM loss to fuse))
+MODELS = {
+    "clip": (lambda: transformers.CLIPModel, clip_config, lambda: contrastive_batches(16), False),
+    "siglip": (lambda: transformers.SiglipModel, siglip_config, lambda: contrastive_batches(16), False),
+    "llava": (lambda: transformers.LlavaForConditionalGeneration, llava_config, lambda: lm_batches(16, 4), True),
+    "idefics3": (lambda: transformers.Idefics3ForConditionalGeneration, idefics3_config,
+                 lambda: lm_batches(32, 4, pixel_shape=(2, 1, 3, 32, 32)), True),
+    "blip2": (lambda: transformers.Blip2ForConditionalGeneration, blip2_config, lambda: lm_batches(16, 4), True),
+}
+
+
+def build(name: str, dtype: torch.dtype = torch.float32):
+    cls, config, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = cls()._from_config(config(), attn_implementation="sdpa", dtype=dtype)
+    return model
+
+
+def with_lora(model):
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    # PEFT starts lora_B at zero; a non-zero start makes the first steps train A as well.
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train(model, batches, dtype: torch.dtype):
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=LR)
+    losses = []
+    for step in range(STEPS):
+        batch = {k: (v.to(dtype) if k == "pixel_values" else v) for k, v in batches[step % len(batches)].items()}
+        optimizer.zero_grad(set_to_none=True)
+        with mmfast.use_backend(BACKEND):
+            loss = model(**batch).loss
+            loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_converge(name: str, *, lora: bool, dtype=torch.float32, tol=FP32):
+    _, _, batches, lm_head = MODELS[name]
+    reference = build(name, dtype)
+    if lora:
+        reference = with_lora(reference)
+    # deepcopy copies the config with the model: sub-configs are shared by the models built from one config
+    # object, and they carry the attention implementation.
+    patched = copy.deepcopy(reference)
+    data = batches()
+
+    ref_losses, ref_params = train(reference, data, dtype)
+    mt.reset_report()
+    assert not mt.report().calls, "the reference model ran the mmfast attention"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mt.MmfastAttentionFallback)  # no call may fall back to SDPA
+        report = mmfast.patch(patched, attention=True, lora=lora, loss=True, backend=BACKEND)
+        losses, params = train(patched, data, dtype)
+
+    # The fused paths ran: every attention module swapped and called through the op, never SDPA; the
+    # LoRA layers and (for the LM heads) the loss swapped.
+    left_alone = {module.removeprefix("base_model.model.") for module in report.left_alone["attention"]}
+    assert report.swapped["attention"] and left_alone == LEFT_ALONE.get(name, set()), report
+    assert sum(mt.report().calls.values()) >= len(report.swapped["attention"]) > 0, mt.report()
+    assert not mt.report().fallbacks, mt.report()
+    if lora:
+        assert report.swapped["lora"] and not report.left_alone["lora"], report
+        assert not report.fallbacks["lora"], report
+    if lm_head:
+        assert report.swapped["loss"], f"the causal-LM loss was not fused:\n{report}"
+
+    # The same course.
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    assert ref_losses[-1] < ref_losses[0], f"{name} did not learn: {ref_losses}"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=tol["loss_rtol"],
+                               atol=tol["loss_atol"], msg=lambda m: f"{name} losses per step:\n{m}")
+    assert params.keys() == ref_params.keys()
+    for key, value in ref_params.items():
+        if KEY_BIAS.search(key):
+            continue  # softmax is blind to a key bias: its gradient is 0 plus rounding, which AdamW amplifies
+        if key.endswith("in_proj_bias"):  # nn.MultiheadAttention's packed q, k, v biases: leave k's out
+            third = value.shape[0] // 3
+            keep = torch.cat([torch.arange(third), torch.arange(2 * third, 3 * third)])
+            value, params[key] = value[keep], params[key][keep]
+        torch.testing.assert_close(params[key], value, rtol=tol["param_rtol"], atol=tol["param_atol"],
+                                   msg=lambda m, key=key: f"{name} parameter {key}:\n{m}")
+    return ref_losses, losses
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fp32_converges(name, lora):
+    assert_converge(name, lora=lora)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_llava_bf16_converges(lora):
+    assert_converge("llava", lora=lora, dtype=torch.bfloat16, tol=BF16)
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def test_patched_llava_never_materialises_logits():
+    """Peak RSS of one LoRA training step (forward with labels, backward, AdamW), each in its own process
+    (harness.run_worker, as tests/ops/test_linear_cross_entropy.py): unpatched LLaVA holds (tokens x vocab)
+    logits and their gradient; patched, its extra memory stays far below one such buffer. LoRA keeps the
+    gradients and optimizer states small, so the logits are what a step allocates most. 2048 tokens, as the
+    op's own test: the fused loss's working buffers are a fixed number of (rows x vocab) blocks, which at 512
+    tokens would already weigh a quarter of the logits."""
+    from mmfast.bench import harness, train_step
+
+    shape = {**train_step.SHAPES["lora"], "batch": 2, "length": 1024, "ragged": 160, "hidden": 64,
+             "intermediate": 128, "heads": 4, "vision_hidden": 32, "image_size": 16}
+    logits = train_step.logits_bytes(shape, torch.float32)
+    assert logits == 2048 * 32000 * 4  # 250 MiB
+    peaks = {}
+    for variant in ("unpatched", "patched-cpu"):
+        spec = {"module": "mmfast.bench.train_step", "variant": variant, "shape": shape, "device": "cpu",
+                "dtype": "float32", "warmup": 1, "iters": 1}
+        result = harness.run_worker(spec)
+        assert result["status"] == "ok", result
+        peaks[variant] = result["peak_extra_bytes"]
+    assert peaks["unpatched"] > logits, f"the measurement must see the logits: {peaks}"
+    print(f"peak extra MiB: { {k: round(v / 2**20, 1) for k, v in peaks.items()} }, logits {logits / 2**20} MiB")
+    assert peaks["patched-cpu"] < 0.25 * logits, peaks
