@@ -57,6 +57,7 @@ _CAUSAL_LM = {
     "OPTForCausalLM",
     "LlavaForConditionalGeneration",
     "Idefics3ForConditionalGeneration",
+    "MllamaForConditionalGeneration",
 }
 # lm_head inside `language_model`, loss computed by the outer forward.
 _NESTED_LM = {"Blip2ForConditionalGeneration"}
