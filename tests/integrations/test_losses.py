@@ -65,7 +65,8 @@ def llava_case(generator):
     return model, batch
 
 
-def blip2_case(generator):
+def blip2_case(generator, language_config=None):
+    """BLIP-2 with an OPT decoder, or with `language_config` (a Llama one) in its place."""
     image_token = V - 2
     n_query = 3
     config = transformers.Blip2Config(
@@ -73,9 +74,9 @@ def blip2_case(generator):
                            image_size=16, patch_size=8),
         qformer_config=dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, encoder_hidden_size=32),
-        text_config=transformers.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                                           num_attention_heads=4, word_embed_proj_dim=32, pad_token_id=0,
-                                           max_position_embeddings=64).to_dict(),
+        text_config=(language_config or transformers.OPTConfig(
+            vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+            word_embed_proj_dim=32, pad_token_id=0, max_position_embeddings=64)).to_dict(),
         num_query_tokens=n_query, image_token_index=image_token)
     model = transformers.Blip2ForConditionalGeneration(config)
     batch = text_batch(generator, image_token, n_image=n_query)
@@ -104,6 +105,7 @@ CASES = {
     "mistral": causal_case("MistralForCausalLM", transformers.MistralConfig),
     "llava": llava_case,
     "blip2-opt": blip2_case,
+    "blip2-llama": lambda generator: blip2_case(generator, text_config()),
     "idefics3": idefics3_case,
 }
 
