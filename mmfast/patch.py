@@ -19,7 +19,8 @@ every config its modules hold (model.config, text_config, vision_config, qformer
 wherever a module refers to them) and switches the copies: another model built from the same config keeps
 its implementation. After patch(), `model.config is config` no longer holds for the config you built it from;
 unpatch() restores the implementation on the copies (the model keeps them). No class, function or
-registry entry is replaced globally: LoRA layers change class per instance, loss heads per instance.
+registry entry is replaced globally: LoRA layers and gated layers change class per instance, loss heads
+their forward per instance.
 
 What the attention report says, per attention module (a module whose forward calls transformers'
 AttentionInterface, or whose class name says Attention without any such module inside):
@@ -28,10 +29,16 @@ AttentionInterface, or whose class name says Attention without any such module i
   left alone  its forward computes attention itself (does not call the AttentionInterface), or its sub-model
               would not switch (transformers' set_attn_implementation skips classes that don't use the
               interface), with the reason.
-Gated cross-attention (Flamingo / Idefics v1 / Mllama: residual + tanh(gate) * attention, the gate a
-parameter of the decoder layer): the attention inside runs on the op, the gate is NOT fused (the op can fuse
-it, but transformers' attention interface returns the attention alone and the model's layer applies the
-gate); the report says "gate applied by the model's layer".
+Gated attention (Flamingo / Idefics v1 / Mllama: residual + tanh(gate) * o_proj(attention), the gate a
+scalar parameter of the layer): the gate is fused into the op where the layer is one mmfast knows
+(mmfast.integrations.gates: Mllama's cross-attention decoder layers and gated vision layers, Idefics v1's
+gated cross-attention layers) and its o_proj is bias-free: that layer instance's class is swapped for a
+subclass whose forward hands the gate to the op (tanh(gate) * attention in the kernel, the gate's gradient
+from its backward) and adds the residual; everything else in it is the model's own code. The report then says
+"gate NAME fused into the op"; a known layer that cannot be fused (its forward differs from transformers
+5.17-5.24's, a per-channel gate, an o_proj with a bias, ...) says "gate NAME applied by the model's layer,
+not fused: REASON"; gate-like parameters of any other enclosing layer are named as applied by the model's
+layer, not fused. unpatch() gives the layers their own class back.
 
 backend. Losses get it as patch_loss(backend=...). The attention interface and patch_peft_model take no
 backend, so patch() pins it with forward hooks on each patched attention module and LoRA layer that enter
@@ -131,6 +138,7 @@ class _State:
     report: PatchReport
     configs: list = field(default_factory=list)  # (config copy, its _attn_implementation_internal before)
     hooks: list = field(default_factory=list)
+    gates: list = field(default_factory=list)  # gated layers rewired by mmfast.integrations.gates
     lora: bool = False
     loss: bool = False
 
@@ -183,6 +191,9 @@ def unpatch(model: nn.Module) -> PatchReport | None:
         return None
     for handle in state.hooks:
         handle.remove()
+    if state.gates:
+        from .integrations.gates import unfuse_gates
+        unfuse_gates(state.gates)
     if state.loss:
         from .integrations.losses import unpatch_loss
         unpatch_loss(model)
@@ -297,11 +308,22 @@ def _patch_attention(model: nn.Module, base, state: _State) -> None:
             report.left_alone[name] = (f"{cls} stays on attn_implementation={implementation!r}: transformers' "
                                        f"set_attn_implementation did not switch its (sub-)model")
             continue
-        report.swapped[name] = _describe(name, module, modules)
+        report.swapped[name] = _describe(name, module)
         if state.report.backend is not None:
             _pin_backend(module, state.report.backend, state.hooks)
     if not leaves:
         report.notes.append("no attention module found")
+    from .integrations.gates import fuse_gates
+
+    gates = fuse_gates(model, set(report.swapped), state.gates)
+    for name in report.swapped:
+        if name in gates:
+            gate, reason = gates[name]
+            report.swapped[name] += (f"; gate {gate} fused into the op (tanh(gate) * attention, before the bias-free "
+                                     f"o_proj)" if reason is None else
+                                     f"; gate {gate} applied by the model's layer, not fused: {reason}")
+        else:
+            report.swapped[name] += _gate_note(name, modules)
 
 
 def _module_config(name: str, module: nn.Module, modules: dict):
@@ -312,18 +334,24 @@ def _module_config(name: str, module: nn.Module, modules: dict):
     return config
 
 
-def _describe(name: str, module: nn.Module, modules: dict) -> str:
+def _describe(name: str, module: nn.Module) -> str:
     cls = type(module).__name__
     cross = bool(getattr(module, "is_cross_attention", False)) or "cross" in cls.lower() \
         or any("cross" in part.lower() for part in name.split(".")[-2:])
-    detail = f"{cls}, {'cross' if cross else 'self'}-attention"
+    return f"{cls}, {'cross' if cross else 'self'}-attention"
+
+
+def _gate_note(name: str, modules: dict) -> str:
+    """For an enclosing layer mmfast.integrations.gates does not know: its gate-like parameters, if any (they
+    may gate the attention or the MLP; either way the model's layer applies them)."""
     parent = modules.get(name.rpartition(".")[0]) if "." in name else modules.get("")
-    if parent is not None:
-        gates = [key for key, value in parent._parameters.items()
-                 if value is not None and ("gate" in key.lower() or "alpha" in key.lower())]
-        if gates:
-            detail += f"; gate ({', '.join(gates)}) applied by the model's layer, not fused"
-    return detail
+    if parent is None:
+        return ""
+    gates = [key for key, value in parent._parameters.items()
+             if value is not None and ("gate" in key.lower() or "alpha" in key.lower())]
+    if not gates:
+        return ""
+    return f"; gate-like parameters of the enclosing layer ({', '.join(gates)}) applied by the model's layer, not fused"
 
 
 def _pin_backend(module: nn.Module, backend: str, hooks: list) -> None:

@@ -37,12 +37,15 @@ def clean_report():
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Calls of the attention op and of the fused LoRA op, each with the backend requested at call time."""
-    seen = {"attention": [], "lora": []}
+    """Calls of the attention op and of the fused LoRA op, each with the backend requested at call time, and
+    the gates the attention op was given."""
+    seen = {"attention": [], "lora": [], "gated": []}
     real_attention, real_lora = attention_module.cross_modal_attention, ops.lora_linear
 
     def attention(*args, **kwargs):
         seen["attention"].append(backends.requested_backend(kwargs.get("backend")))
+        if kwargs.get("gate") is not None:
+            seen["gated"].append(kwargs["gate"])
         return real_attention(*args, **kwargs)
 
     def lora(*args, **kwargs):
@@ -265,3 +268,181 @@ def test_import_mmfast_stays_light():
     code = "import sys, mmfast; print(callable(mmfast.patch), 'transformers' in sys.modules, 'peft' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "False", "False"]
+
+
+# ------------------------------------------------------------------------------ gated attention, fused
+
+
+GATED_LAYERS = ("MllamaCrossAttentionDecoderLayer", "MllamaVisionEncoderLayer", "IdeficsGatedCrossAttentionLayer")
+
+
+def gated_layers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ in GATED_LAYERS and getattr(m, "is_gated", True)]
+
+
+def rewired(model) -> list:
+    """The layers mmfast.patch gave the fused subclass of their class."""
+    return [m for m in model.modules() if type(m).__module__ == "mmfast.integrations.gates"]
+
+
+@pytest.fixture(scope="module")
+def mllama():
+    from tests.test_patch_convergence import build as build_model
+
+    return build_model("mllama")  # its gates opened to 0.5, so the attention gets gradients
+
+
+def mllama_inputs(labels: bool = True):
+    from tests.test_patch_convergence import mllama_batches
+
+    inputs = mllama_batches(steps=1)[0]
+    return inputs if labels else {k: v for k, v in inputs.items() if k != "labels"}
+
+
+def test_mllama_gates_fused_match_unpatched_and_unpatch_restores(mllama, op_calls):
+    """Mllama's cross-attention layer and gated global vision layer: tanh(gate) goes into the op (counted per
+    call, as the very gate parameter), the layer adds the residual; loss, logits and every gradient, the
+    gates' included, as the unpatched model's; with gradient checkpointing too; unpatch gives each layer its
+    own class back and the model's own results bit for bit."""
+    reference, model = copy.deepcopy(mllama), copy.deepcopy(mllama)
+    inputs = mllama_inputs()
+    expected = step(reference, inputs)
+    layers = gated_layers(model)
+    classes = [type(layer) for layer in layers]
+    assert len(layers) == 2 and not rewired(model)
+    gates = {id(layer.cross_attn_attn_gate if hasattr(layer, "cross_attn") else layer.gate_attn) for layer in layers}
+
+    report = mmfast.patch(model, loss=False, backend="cpu")
+    assert rewired(model) == layers and all(isinstance(layer, cls) for layer, cls in zip(layers, classes))
+    assert not rewired(reference) and not rewired(mllama)  # the class itself is untouched
+    fused = [name for name, detail in report.attention.swapped.items() if "fused into the op" in detail]
+    assert len(fused) == 2, report
+    assert_same_step(step(model, inputs), expected)
+    # 3 op calls: the vision layer's mask has two key sets (one call each), the cross-attention's one form
+    assert len(op_calls["gated"]) == 3 and {id(g) for g in op_calls["gated"]} == gates
+    assert mt.report().gated == 2 and not mt.report().fallbacks
+
+    # Checkpointing: the decoder layer's forward runs again in the backward, fused again.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    op_calls["gated"].clear()
+    assert_same_step(step(model, inputs), expected)
+    assert len(op_calls["gated"]) == 3 + 1
+    model.gradient_checkpointing_disable()
+
+    # Switched back to SDPA after patch: the rewired layers run their own forward, gate and all.
+    model.set_attn_implementation("sdpa")
+    op_calls["attention"].clear()
+    assert_same_step(step(model, inputs), expected)
+    assert not op_calls["attention"]
+
+    mmfast.unpatch(model)
+    assert [type(layer) for layer in layers] == classes
+    op_calls["attention"].clear()
+    out, grads = step(model, inputs)
+    assert not op_calls["attention"]
+    torch.testing.assert_close(out.logits, expected[0].logits, rtol=0, atol=0)
+    for name, grad in grads.items():
+        if grad is not None:
+            torch.testing.assert_close(grad, expected[1][name], rtol=0, atol=0)
+
+
+def test_mllama_generate_with_fused_gates(mllama, op_calls):
+    """Greedy decoding: the decode step's cross-attention reads its keys from the cache, gate still fused."""
+    reference, model = copy.deepcopy(mllama).eval(), copy.deepcopy(mllama).eval()
+    mmfast.patch(model, backend="cpu")
+    inputs = mllama_inputs(labels=False)
+    options = dict(max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        expected = reference.generate(**inputs, **options)
+        assert not op_calls["attention"]
+        out = model.generate(**inputs, **options)
+    assert torch.equal(out.sequences, expected.sequences)
+    for scores, ref_scores in zip(out.scores, expected.scores):
+        assert_close("scores", scores, ref_scores)
+    assert mt.report().gated == 1 + 2  # the vision layer once, the cross-attention layer per step
+    assert len(op_calls["gated"]) == 2 + 2  # the vision layer's two key sets
+    assert not mt.report().fallbacks
+
+
+class ReorderedCrossLayer(transformers.models.mllama.modeling_mllama.MllamaCrossAttentionDecoderLayer):
+    """A subclass whose forward is not the one mmfast reimplements (the MLP gate applied twice, say)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return super().forward(hidden_states, *args, **kwargs) * 1.0
+
+
+def test_gates_not_fused_say_why(mllama):
+    """Each refusal leaves the layer's own forward and says why in the report; the attention is still swapped."""
+    cross, vision = "model.language_model.layers.1", "model.vision_model.global_transformer.layers.0"
+    model = copy.deepcopy(mllama)
+    model.get_submodule(cross).__class__ = ReorderedCrossLayer
+    attention = model.get_submodule(vision).self_attn
+    attention.o_proj = torch.nn.Linear(attention.o_proj.in_features, attention.o_proj.out_features)  # a bias
+    report = mmfast.patch(model, loss=False)
+    text = report.attention.swapped
+    assert text[f"{cross}.cross_attn"].endswith(
+        "gate cross_attn_attn_gate applied by the model's layer, not fused: tests.test_patch.ReorderedCrossLayer."
+        "forward is not the forward mmfast reimplements (transformers 5.17 to 5.24)"), text
+    assert text[f"{vision}.self_attn"].endswith(
+        "gate gate_attn applied by the model's layer, not fused: self_attn.o_proj has a bias: tanh(gate) * "
+        "o_proj(x) = o_proj(tanh(gate) * x) only without one"), text
+    assert not rewired(model)
+    mmfast.unpatch(model)
+
+    model = copy.deepcopy(mllama)
+    layer = model.get_submodule(cross)
+    own = layer.forward
+    layer.forward = own  # as accelerate's hooks do
+    report = mmfast.patch(model, loss=False)
+    assert "forward is already replaced on the instance" in report.attention.swapped[f"{cross}.cross_attn"]
+    assert layer.__dict__["forward"] is own and rewired(model) == [model.get_submodule(
+        "model.vision_model.global_transformer.layers.0")]
+    mmfast.unpatch(model)
+    assert layer.__dict__["forward"] is own  # unpatch leaves what it did not set
+
+
+def idefics_config(alpha_type: str = "float"):
+    vision = {"embed_dim": 32, "image_size": 16, "intermediate_size": 64, "patch_size": 8, "num_hidden_layers": 2,
+              "num_attention_heads": 4}
+    return transformers.IdeficsConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64, vision_config=vision,
+                                      cross_layer_interval=1, alpha_initializer="ones", alpha_type=alpha_type,
+                                      freeze_text_layers=False, freeze_vision_layers=False)
+
+
+def test_idefics_v1_gate_fused_and_per_channel_gate_refused(op_calls):
+    """Idefics v1's gated cross-attention: a float alpha is fused (training step as the unpatched model's,
+    rows with no image zeroed by the layer as before); a per-channel ("vector") alpha cannot be, and says so."""
+    torch.manual_seed(0)
+    reference = transformers.IdeficsForVisionText2Text._from_config(idefics_config(), attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "alpha" in name:
+                parameter.fill_(0.3)
+    model = copy.deepcopy(reference)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 120, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    image_mask = torch.ones(2, 10, 1, dtype=torch.long)
+    image_mask[:, 0] = 0  # the first token attends no image: the layer zeroes its attention
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 1, 3, 16, 16),
+              "image_attention_mask": image_mask, "labels": ids.masked_fill(mask == 0, -100)}
+    expected = step(reference, inputs)
+    report = mmfast.patch(model, loss=False, backend="cpu")
+    fused = [name for name, detail in report.attention.swapped.items() if "alpha_cross_attn fused into" in detail]
+    assert fused == ["model.gated_cross_attn_layers.0.cross_attn", "model.gated_cross_attn_layers.1.cross_attn"], report
+    assert_same_step(step(model, inputs), expected)
+    # one fused layer call each (the rows that see the image: the varlen form's two groups, so 2 op calls each)
+    assert mt.report().gated == 2 and len(op_calls["gated"]) == 4 and not mt.report().fallbacks
+    assert {id(gate) for gate in op_calls["gated"]} == {id(layer.alpha_cross_attn) for layer in rewired(model)}
+    assert len(rewired(model)) == 2
+    mmfast.unpatch(model)
+    assert not rewired(model)
+
+    vector = transformers.IdeficsForVisionText2Text._from_config(idefics_config("vector"), attn_implementation="sdpa")
+    report = mmfast.patch(vector, loss=False)
+    assert report.attention.swapped["model.gated_cross_attn_layers.0.cross_attn"].endswith(
+        "gate alpha_cross_attn applied by the model's layer, not fused: alpha_cross_attn has shape (1, 1, 64): the "
+        "op fuses one scalar gate on the attention, this one is applied per channel after o_proj")
+    assert not rewired(vector)

@@ -6,8 +6,9 @@ tokens): once as transformers and PEFT wrote it, once patched (cpu backend). The
 every parameter at the end must agree, and the fused paths must have run (attention op calls counted by
 mmfast.integrations.transformers.report(), LoRA layers and loss heads listed by the patch report). No
 attention call may fall back to SDPA except those a model lists in FALLBACKS, by exact reason and count
-(Mllama's vision encoder: its mask has no op form), and what the report says of gated attention (GATES) and
-of loss heads left alone (LOSS_LEFT_ALONE, none at present) is checked word for word.
+(none at present), and what the report says of gated attention (GATES: Mllama's gates fused into the op,
+counted per call in GATED_CALLS) and of loss heads left alone (LOSS_LEFT_ALONE, none at present) is checked
+word for word.
 
 Tolerances. fp32: every op reassociates sums (blocked softmax, fused GEMMs), so the two runs differ by
 rounding from the first step (~1e-7 relative) and AdamW, which divides by sqrt(v), turns a near-zero
@@ -225,27 +226,24 @@ MODELS = {
 }
 AFTER_BUILD = {"mllama": open_mllama_gates}
 
-# Mllama's vision encoder mask (_prepare_aspect_ratio_attention_mask) masks only padding-to-padding pairs:
-# real patch rows attend to every key, the 8-alignment padding patches and padded tiles included, while the
-# padding rows attend to the real patches only. Two key sets in one call: no op form (not causal, not key
-# padding, not one staircase), so every vision-encoder call runs SDPA. The padding always exists: a tile has
-# (image_size / patch_size)^2 + 1 tokens, never a multiple of 8. Expected SDPA fallbacks per training step
-# (forward; the backward reuses the forward's path), by reason: anything else, or any other count, fails.
-MASK_NOT_PREFIX = ("attention mask that is not causal or key padding over the keys (sliding window, chunked, "
-                   "packed sequences, image-block or custom 4-D mask)")
-NOT_STAIRCASE = "causal attention mask with padding between real tokens (rows not one causal staircase per sample)"
-FALLBACKS = {"mllama": {MASK_NOT_PREFIX: 3}}  # 2 local + 1 global vision layers
+# Expected SDPA fallbacks per training step (forward; the backward reuses the forward's path), by reason:
+# anything else, or any other count, fails. None at present: Mllama's vision encoder mask
+# (_prepare_aspect_ratio_attention_mask: real patches see every key, the 8-alignment padding patches and
+# padded tiles see the real patches only) is the op's "key_sets" form.
+FALLBACKS: dict[str, dict[str, int]] = {}
 # Exact op calls per training step where known: Mllama's text self-attention (right padding: varlen) in
-# layers 0 and 2, and the cross-attention of layer 1 (ragged tiles: the padded tile's keys masked).
-CALLS = {"mllama": {"varlen": 2, "key_padding": 1}}
-# Gated attention: (module, the report's gate text). The decoder layer applies tanh(gate); nothing fuses it.
+# layers 0 and 2, the cross-attention of layer 1 (ragged tiles: the padded tile's keys masked), and the
+# vision encoder's 2 local + 1 global layers (two key sets per image).
+CALLS = {"mllama": {"varlen": 2, "key_padding": 1, "key_sets": 3}}
+# Gated attention: (module, the report's gate text); GATED_CALLS: op calls per step that fused a gate.
+FUSED = "fused into the op (tanh(gate) * attention, before the bias-free o_proj)"
 GATES = {"mllama": {
     "model.language_model.layers.1.cross_attn":
-        "MllamaTextCrossAttention, cross-attention; gate (cross_attn_attn_gate, cross_attn_mlp_gate) applied "
-        "by the model's layer, not fused",
+        f"MllamaTextCrossAttention, cross-attention; gate cross_attn_attn_gate {FUSED}",
     "model.vision_model.global_transformer.layers.0.self_attn":
-        "MllamaVisionAttention, self-attention; gate (gate_attn, gate_ffn) applied by the model's layer, not fused",
+        f"MllamaVisionAttention, self-attention; gate gate_attn {FUSED}",
 }}
+GATED_CALLS = {"mllama": 2}
 # Loss heads mmfast.integrations.losses leaves alone, with (part of) its reason.
 LOSS_LEFT_ALONE: dict[str, str] = {}
 
@@ -322,7 +320,8 @@ def assert_converge(name: str, *, lora: bool, dtype=torch.float32, tol=FP32):
         assert dict(mt.report().calls) == {form: n * STEPS for form, n in CALLS[name].items()}, mt.report()
     assert dict(mt.report().fallbacks) == expected_fallbacks, mt.report()
     gated = {module: detail for module, detail in swapped.items() if "gate" in detail}
-    assert gated == GATES.get(name, {}), report  # the gate is named, and said not to be fused, where it is
+    assert gated == GATES.get(name, {}), report  # the gate is named, and said fused, where it is
+    assert mt.report().gated == GATED_CALLS.get(name, 0) * STEPS, mt.report()
     if lora:
         assert report.swapped["lora"] and not report.left_alone["lora"], report
         assert not report.fallbacks["lora"], report
@@ -359,6 +358,9 @@ def test_fp32_converges(name, lora):
 # BLIP-2 fully fine-tuned in bf16 misses Liger's parameter tolerance by a hair on this CPU: one element of the
 # vision tower's class_embedding ends 0.0104 apart (allowed 0.0100), every other parameter and every loss within
 # tolerance. Its gradient is small and noisy in bf16, and AdamW turns noise into steps of up to lr (1e-3) each.
+# Not the fused loss's bf16 scalar (ForCausalLMLoss returns float32): with the op's float32 loss returned
+# instead, the miss is the same 0.01043701 on the same element, as it must be: the loss's own gradient is 1
+# in any dtype, and the op computes every other gradient in float32 during its forward.
 BF16_MARGINAL = {("blip2", False)}
 
 
@@ -371,25 +373,36 @@ def test_bf16_converges(name, lora, request):
     assert_converge(name, lora=lora, dtype=torch.bfloat16, tol=BF16)
 
 
-def test_mllama_text_before_image_cross_attention_falls_back():
+def test_mllama_text_before_image_cross_attention_on_the_op():
     """A text row before the image (a "text <|image|> text" prompt) sees no tile; Mllama's
     _prepare_cross_attention_mask turns that row to all-zero bias (attend to every image token, padded tile
     included; full_text_row_masked_out_mask zeroes the layer's MLP output there, not the attention's). With
-    a padded tile that sample's rows see two different key sets (every key, or the real tiles'): no op form,
-    so the cross-attention runs SDPA, counted. The model's own result either way (one forward)."""
+    a padded tile, that sample's rows see two key sets (every key, or the real tiles'): the op's "key_sets"
+    form, as the vision encoder's mask. The model's own loss and gradients (one step, fp32 tolerance of
+    tests/integrations/test_transformers.py)."""
+    from tests.integrations.test_transformers import assert_close
+
     batch = mllama_batches(steps=1, text_before_image=True)[0]
     reference = build("mllama")
     patched = copy.deepcopy(reference)
-    expected = reference(**batch).loss
     mmfast.patch(patched, backend=BACKEND)
     mt.reset_report()
+    results = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", mt.MmfastAttentionFallback)  # counted below
-        with mmfast.use_backend(BACKEND):
-            loss = patched(**batch).loss
-    assert dict(mt.report().fallbacks) == {MASK_NOT_PREFIX: 3, NOT_STAIRCASE: 1}, mt.report()
-    assert dict(mt.report().calls) == {"varlen": 2}, mt.report()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        warnings.simplefilter("error", mt.MmfastAttentionFallback)
+        for model in (reference, patched):
+            with mmfast.use_backend(BACKEND):
+                loss = model(**batch).loss
+                loss.backward()
+            results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert not mt.report().fallbacks, mt.report()
+    assert dict(mt.report().calls) == {"varlen": 2, "key_sets": 3 + 1}, mt.report()
+    (expected, ref_grads), (loss, grads) = results
+    assert_close("loss", loss, expected)
+    for key, ref_grad in ref_grads.items():
+        assert (grads[key] is None) == (ref_grad is None), key
+        if ref_grad is not None:
+            assert_close(f"grad {key}", grads[key], ref_grad)
 
 
 # ------------------------------------------------------------------------------------------- triton

@@ -24,14 +24,24 @@ layers share it) and turned into the op's form:
     staircase (causal=True), and the rows after it that see every kept key (causal=False): the padded
     query rows of a right-padded batch. So even those rows, whose outputs the model never uses, get SDPA's
     values. Rows that see no key (left padding's padded rows) get zeros, as SDPA gives (torch >= 2.5);
+  - two key sets per sample, no causal order ("key_sets"): each row sees either every kept key of its sample
+    or one subset shared by the sample's other rows (Mllama's vision encoder, whose padding patches see only
+    the real ones while real patches see all; Mllama's cross-attention when text comes before the image).
+    Two varlen calls: each sample's rows of one set over that set's keys, gathered (index_select, so the
+    sets need not be contiguous; a key in both sets gets both gradients) and scattered back;
   - anything else, and every call the op cannot run as transformers asks: transformers' SDPA forward, counted
     in `report().fallbacks` by reason and warned about once per reason (MmfastAttentionFallback). Reasons:
-    a mask that is not causal-or-padding over the keys (sliding window, chunked, packed sequences from
-    position_ids, image-token block overlays, arbitrary 4-D masks), padding between real tokens, masks that
-    differ per head, a float mask with bias values, attention dropout > 0 (the op has none: a model in
-    training mode with attention_dropout > 0 falls back on every call), position_bias, a value head dim
-    different from the key's, causal without a mask and with fewer keys than queries.
+    a mask of none of those forms (sliding window, chunked, packed sequences from position_ids, image-token
+    block overlays, arbitrary 4-D masks), padding between real tokens, masks that differ per head, a float
+    mask with bias values, attention dropout > 0 (the op has none: a model in training mode with
+    attention_dropout > 0 falls back on every call), position_bias, a value head dim different from the
+    key's, causal without a mask and with fewer keys than queries.
 `softcap` and attention sinks (`s_aux`) raise ValueError: SDPA cannot compute them either.
+
+Gates. A gated layer that mmfast.patch rewired (mmfast.integrations.gates: Mllama, Idefics v1) passes its
+scalar gate as `mmfast_gate=FusedGate(parameter)` through its attention module's **kwargs; the op then
+returns tanh(gate) * attention (its `gate` argument), on every form above, and a fallback multiplies SDPA's
+result by tanh(gate): the layer no longer applies it. report().gated counts the calls that fused one.
 
 Acceptance. transformers 5.17 to 5.24 accept any name registered with AttentionInterface (the model's
 `_supports_attention_backend` is only read by `is_backend_compatible()`, for serving engines, and
@@ -60,9 +70,10 @@ from transformers.modeling_utils import AttentionInterface
 from ..ops import attention as _attention
 
 NAME = "mmfast"
+GATE_KWARG = "mmfast_gate"
 
-__all__ = ["NAME", "AttentionReport", "MmfastAttentionFallback", "attention_forward", "attention_mask",
-           "register_attention", "report", "reset_report"]
+__all__ = ["GATE_KWARG", "NAME", "AttentionReport", "FusedGate", "MmfastAttentionFallback", "attention_forward",
+           "attention_mask", "register_attention", "report", "reset_report"]
 
 
 class MmfastAttentionFallback(UserWarning):
@@ -71,16 +82,19 @@ class MmfastAttentionFallback(UserWarning):
 
 @dataclass
 class AttentionReport:
-    """calls: op calls by form ("plain", "causal", "key_padding", "causal+key_padding", "varlen");
-    fallbacks: SDPA calls by reason."""
+    """calls: op calls by form ("plain", "causal", "key_padding", "causal+key_padding", "varlen",
+    "key_sets"); gated: how many of them fused a layer's tanh gate (FusedGate); fallbacks: SDPA calls by reason."""
 
     calls: Counter = field(default_factory=Counter)
     fallbacks: Counter = field(default_factory=Counter)
+    gated: int = 0
 
     def __str__(self) -> str:
         lines = [f"mmfast attention: {sum(self.calls.values())} op call(s), "
                  f"{sum(self.fallbacks.values())} SDPA fallback(s)"]
         lines += [f"  op, {form}: {count}" for form, count in sorted(self.calls.items())]
+        if self.gated:
+            lines.append(f"  op calls with a layer's gate fused: {self.gated}")
         lines += [f"  SDPA, {reason}: {count}" for reason, count in sorted(self.fallbacks.items())]
         return "\n".join(lines)
 
@@ -100,6 +114,7 @@ def reset_report() -> None:
     """Zero the counters and warn again for each fallback reason."""
     _REPORT.calls.clear()
     _REPORT.fallbacks.clear()
+    _REPORT.gated = 0
     _warned.clear()
 
 
@@ -126,7 +141,17 @@ def attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """transformers' attention-function contract: q (B, Hq, Nq, D), k/v (B, Hk, Nk, D) -> ((B, Nq, Hq, D), None)."""
+    """transformers' attention-function contract: q (B, Hq, Nq, D), k/v (B, Hk, Nk, D) -> ((B, Nq, Hq, D), None).
+
+    mmfast_gate (a FusedGate, passed by a gated layer that mmfast.patch rewired): the result is
+    tanh(gate) * attention, the gate fused into the op (or multiplied after SDPA on a fallback)."""
+    gate = kwargs.pop(GATE_KWARG, None)
+    if gate is not None:
+        if not isinstance(gate, FusedGate):
+            raise TypeError(f"{GATE_KWARG}: expected a mmfast.integrations.transformers.FusedGate, got "
+                            f"{type(gate).__name__}")
+        gate.applied += 1
+        gate = gate.parameter
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: the mmfast attention (like sdpa) cannot apply it; use attn_implementation="
@@ -141,24 +166,46 @@ def attention_forward(
     if reason is None and attention_mask is None and is_causal and 1 < query.shape[2] and key.shape[2] < query.shape[2]:
         reason = "causal without a mask and fewer keys than queries (SDPA aligns it upper-left)"
     if reason is not None:
-        return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        out, weights = _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                 kwargs)
+        if gate is not None:  # the gated layer no longer applies it: same product, after SDPA instead of inside
+            out = out * _gate_per_head(gate, out.shape[2]).tanh().to(out.dtype)
+        return out, weights
 
+    if gate is not None:
+        _REPORT.gated += 1
     query, key, value = _broadcast_batch(query, key, value)
     if plan is None:  # as SDPA: is_causal only without a mask and for more than one query, aligned upper-left
         causal = bool(is_causal) and query.shape[2] > 1
         if causal and key.shape[2] > query.shape[2]:
             key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         calls["causal" if causal else "plain"] += 1
-        out = _attention.cross_modal_attention(query, key, value, causal=causal, scale=scaling)
+        out = _attention.cross_modal_attention(query, key, value, causal=causal, scale=scaling, gate=gate)
         return out.transpose(1, 2), None
     if plan.kind == "padded":
         calls[("causal+" if plan.causal else "") + ("key_padding" if plan.key_padding_mask is not None else "")
               or "plain"] += 1
         out = _attention.cross_modal_attention(query, key, value, key_padding_mask=plan.key_padding_mask,
-                                               causal=plan.causal, scale=scaling)
+                                               causal=plan.causal, scale=scaling, gate=gate)
         return out.transpose(1, 2), None
-    calls["varlen"] += 1
-    return _varlen(plan, query, key, value, scaling), None
+    calls[plan.kind] += 1
+    return _varlen(plan, query, key, value, scaling, gate), None
+
+
+@dataclass(eq=False)
+class FusedGate:
+    """A layer's scalar attention gate, handed to attention_forward as the `mmfast_gate` keyword argument by a
+    gated layer that mmfast.patch rewired (mmfast.integrations.gates): the attention function then returns
+    tanh(parameter) * attention. `applied` counts the calls that took it, so the layer can check that its
+    attention module passed the keyword through (a gate silently dropped would leave the layer ungated)."""
+
+    parameter: Tensor
+    applied: int = 0
+
+
+def _gate_per_head(gate: Tensor, heads: int) -> Tensor:
+    """The gate as a factor of (B, N, H, D) attention rows: a scalar, or one per head."""
+    return gate.reshape(()) if gate.numel() == 1 else gate.reshape(heads, 1)
 
 
 # --------------------------------------------------------------------------------------------------- internals
@@ -199,15 +246,24 @@ def _fallback(reason, module, query, key, value, mask, dropout, scaling, is_caus
 
 
 @dataclass
+class _Group:
+    """One varlen op call: query rows (in B * Nq) over key rows (in B * Nk), each sample's rows contiguous."""
+
+    rows: Tensor
+    cu_seqlens_q: Tensor
+    max_seqlen_q: int
+    key_rows: Tensor
+    cu_seqlens_k: Tensor
+    max_seqlen_k: int
+    causal: bool
+
+
+@dataclass
 class _Plan:
-    kind: str  # "padded" or "varlen"
+    kind: str  # "padded", or the varlen forms "varlen" (causal staircase) and "key_sets"
     causal: bool = False
     key_padding_mask: Tensor | None = None
-    # varlen: the kept keys' rows in (B * Nk), their offsets, and (rows in (B * Nq), offsets, longest, causal)
-    key_rows: Tensor | None = None
-    cu_seqlens_k: Tensor | None = None
-    max_seqlen_k: int = 0
-    groups: tuple = ()
+    groups: tuple = ()  # varlen: _Group per op call
 
 
 # A few analysed masks, by id, checked against a weak reference and the tensor's version counter: the layers
@@ -274,22 +330,55 @@ def _analyse(mask: Tensor, batch: int, len_q: int, len_k: int) -> _Plan | str:
         return "float attention mask with bias values (neither 0 nor -inf)"
     if not same_heads:
         return "attention mask that differs per head"
+    if prefix:
+        key_padding_mask = None if all_kept else kept
+        if full:
+            return _Plan("padded", False, key_padding_mask)
+        if bottom_right:
+            return _Plan("padded", True, key_padding_mask)
+        if staircase:
+            key_rows, cu_k = kept.reshape(-1).nonzero().squeeze(1), _offsets(lk)
+            groups = tuple(_Group(in_x.reshape(-1).nonzero().squeeze(1), _offsets(n_x), longest, key_rows, cu_k, max_k,
+                                  causal)
+                           for in_x, n_x, longest, causal in ((in_a, n_a, max_a, True), (in_b, n_b, max_b, False))
+                           if longest > 0)
+            return _Plan("varlen", groups=groups)
+    plan = _key_sets(m, kept, lk, c, saturated, max_k)
+    if plan is not None:
+        return plan
     if not prefix:
-        return "attention mask that is not causal or key padding over the keys (sliding window, chunked, " \
-               "packed sequences, image-block or custom 4-D mask)"
-    key_padding_mask = None if all_kept else kept
-    if full:
-        return _Plan("padded", False, key_padding_mask)
-    if bottom_right:
-        return _Plan("padded", True, key_padding_mask)
-    if not staircase:
-        return "causal attention mask with padding between real tokens (rows not one causal staircase per sample)"
-    cu_k = _offsets(lk)
-    groups = tuple((in_x.reshape(-1).nonzero().squeeze(1), _offsets(n_x), longest, causal)
-                   for in_x, n_x, longest, causal in ((in_a, n_a, max_a, True), (in_b, n_b, max_b, False))
+        return MASK_NOT_SUPPORTED
+    return ("causal attention mask with padding between real tokens (rows neither one causal staircase nor two "
+            "key sets per sample)")
+
+
+MASK_NOT_SUPPORTED = ("attention mask that is not causal, key padding or two key sets per sample (sliding window, "
+                      "chunked, packed sequences, image-block or custom 4-D mask)")
+
+
+def _key_sets(m: Tensor, kept: Tensor, lk: Tensor, c: Tensor, saturated: Tensor, max_k: int) -> _Plan | None:
+    """Two key sets per sample, no causal order: every row that sees a key sees either all of its sample's kept
+    keys, or one subset shared by all its sample's other such rows (Mllama's vision encoder: real patches see
+    every patch, padding ones only the real ones; Mllama's cross-attention with text before the image: that
+    text sees every image token, the rest only the real tiles'). Two varlen calls, each sample split into the
+    rows of one key set and their keys (gathered, so the sets need not be contiguous). None when the mask is
+    not of that form (a second host sync; only masks that no other form fits get here)."""
+    batch = m.shape[0]
+    in_a = saturated & (c > 0)                   # rows seeing every kept key
+    in_b = ~saturated & (c > 0)                  # rows seeing a strict subset
+    has_b = in_b.any(1)
+    reference = m[torch.arange(batch, device=m.device), in_b.to(torch.int8).argmax(1)] & has_b[:, None]  # (B, Nk)
+    same = ((m == reference[:, None, :]) | ~in_b[:, :, None]).all()
+    n_a, n_b, k_b = in_a.sum(1), in_b.sum(1), reference.sum(1)
+    same, max_a, max_b, max_kb = torch.stack([same.to(torch.int64), n_a.max(), n_b.max(), k_b.max()]).tolist()
+    if not same:
+        return None
+    groups = tuple(_Group(in_x.reshape(-1).nonzero().squeeze(1), _offsets(n_x), longest,
+                          keys.reshape(-1).nonzero().squeeze(1), _offsets(n_k), longest_k, False)
+                   for in_x, n_x, longest, keys, n_k, longest_k in ((in_a, n_a, max_a, kept, lk, max_k),
+                                                                    (in_b, n_b, max_b, reference, k_b, max_kb))
                    if longest > 0)
-    return _Plan("varlen", key_rows=kept.reshape(-1).nonzero().squeeze(1), cu_seqlens_k=cu_k, max_seqlen_k=max_k,
-                 groups=groups)
+    return _Plan("key_sets", groups=groups)
 
 
 def _offsets(lengths: Tensor) -> Tensor:
@@ -298,19 +387,28 @@ def _offsets(lengths: Tensor) -> Tensor:
     return offsets
 
 
-def _varlen(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, scaling: float | None) -> Tensor:
-    """Packed rows through the op, scattered back into (B, Nq, Hq, D); rows in no group stay zero."""
+def _varlen(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, scaling: float | None,
+            gate: Tensor | None = None) -> Tensor:
+    """Packed rows through the op, one call per group, scattered back into (B, Nq, Hq, D); rows in no group
+    stay zero. index_select / index_copy carry the gradients back: keys that two groups gather get the sum."""
     batch, heads_q, len_q, head_dim = query.shape
     q_rows = query.transpose(1, 2).reshape(batch * len_q, heads_q, head_dim)
-    k_rows, v_rows = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim).index_select(0, plan.key_rows)
-                      for t in (key, value))
+    k_all, v_all = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (key, value))
+    gathered: dict[int, tuple[Tensor, Tensor]] = {}  # groups sharing one key set gather it once
     out = None
-    for rows, cu_q, longest, causal in plan.groups:
+    for group in plan.groups:
+        if id(group.key_rows) not in gathered:
+            gathered[id(group.key_rows)] = (k_all.index_select(0, group.key_rows),
+                                            v_all.index_select(0, group.key_rows))
+        k_rows, v_rows = gathered[id(group.key_rows)]
         part = _attention.cross_modal_attention(
-            q_rows.index_select(0, rows), k_rows, v_rows, cu_seqlens_q=cu_q, cu_seqlens_k=plan.cu_seqlens_k,
-            max_seqlen_q=longest, max_seqlen_k=plan.max_seqlen_k, causal=causal, scale=scaling)
+            q_rows.index_select(0, group.rows), k_rows, v_rows, cu_seqlens_q=group.cu_seqlens_q,
+            cu_seqlens_k=group.cu_seqlens_k, max_seqlen_q=group.max_seqlen_q, max_seqlen_k=group.max_seqlen_k,
+            causal=group.causal, scale=scaling, gate=gate)
         # Zeros (in the op's dtype: autocast's, under autocast) for the rows that see no key.
-        out = (part.new_zeros(q_rows.shape) if out is None else out).index_copy(0, rows, part)
-    if out is None:  # no row sees a key; q_rows * 0 keeps q in the graph
+        out = (part.new_zeros(q_rows.shape) if out is None else out).index_copy(0, group.rows, part)
+    if out is None:  # no row sees a key; q_rows * 0 keeps q (and the gate, at a zero gradient) in the graph
         out = q_rows * 0
+        if gate is not None:
+            out = out * gate.reshape(-1)[:1].tanh().to(out.dtype)
     return out.view(batch, len_q, heads_q, head_dim)

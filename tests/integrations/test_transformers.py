@@ -58,12 +58,13 @@ def registered():
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Every call of the op made by the integration: a list of its keyword arguments' layout and causal flag."""
+    """Every call of the op made by the integration: (layout, causal flag, whether a gate was fused) each."""
     seen = []
     real = attention_module.cross_modal_attention
 
     def counting(q, k, v, **kwargs):
-        seen.append(("varlen" if kwargs.get("cu_seqlens_q") is not None else "padded", kwargs.get("causal", False)))
+        seen.append(("varlen" if kwargs.get("cu_seqlens_q") is not None else "padded", kwargs.get("causal", False),
+                     kwargs.get("gate") is not None))
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention_module, "cross_modal_attention", counting)
@@ -254,6 +255,34 @@ def mask_of(padding: list[list[int]], len_q: int, causal: bool = True, q_offset:
                      **({} if causal else {"allow_is_bidirectional_skip": False}))
 
 
+def mllama_vision_mask():
+    """Mllama's vision-encoder mask as transformers builds it: 3 images of 2 tiles, each tile 5 patches padded
+    to 8; sample 1's second tile is padding. Real patches see every key, the padding ones the real patches."""
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+
+    tiles = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    return _prepare_aspect_ratio_attention_mask(tiles, num_patches=5, target_length=8, dtype=torch.float64) == 0
+
+
+def text_before_image_mask():
+    """Mllama's cross-attention mask (5 text rows over 2 tiles of 3 image tokens) when the first text token
+    comes before the image: that row sees every image token, padded tile included, the others their real
+    tiles; sample 2's last row sees none (zeros, as SDPA gives)."""
+    tiles = torch.tensor([[1, 1], [1, 0], [1, 0]], dtype=torch.bool)
+    mask = tiles.repeat_interleave(3, 1)[:, None, None, :].expand(3, 1, 5, 6).clone()
+    mask[:, :, 0] = True
+    mask[2, :, 4] = False
+    return mask
+
+
+def three_key_sets_mask():
+    """Rows over even keys, odd keys, or all: three key sets in one sample, no op form."""
+    mask = torch.ones(3, 1, 6, 6, dtype=torch.bool)
+    mask[1, :, :2, 1::2] = False
+    mask[1, :, 2:4, 0::2] = False
+    return mask
+
+
 def _mask_cases():
     ragged = [[1] * 6, [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
     no_keys = [[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7]
@@ -271,6 +300,9 @@ def _mask_cases():
         "per-head-mask": (lambda: mask_of(ragged, 6).expand(3, 4, 6, 6), 6, 6, True, "varlen"),
         "shared-mask-batch-1": (lambda: mask_of([[1, 1, 1, 0, 0]], 3, causal=False, batch=1), 3, 5, False,
                                 "key_padding"),
+        "mllama-vision-key-sets": (mllama_vision_mask, 16, 16, False, "key_sets"),
+        "text-before-image-key-sets": (text_before_image_mask, 5, 6, False, "key_sets"),
+        "three-key-sets": (three_key_sets_mask, 6, 6, False, None),
         "padding-between-tokens": (lambda: mask_of([[1] * 6, [1, 0, 1, 1, 0, 1], [1] * 6], 6), 6, 6, True, None),
         "sliding-window": (lambda: mask_of(ragged, 6) & ~mask_of(ragged, 6).tril(-3), 6, 6, True, None),
         "float-mask-with-bias": (lambda: torch.where(mask_of(ragged, 6), 0.5, float("-inf")).double(), 6, 6, True,
@@ -312,6 +344,37 @@ def test_mask_forms_match_sdpa(case):
         assert [w.category for w in caught] == [mt.MmfastAttentionFallback]
     else:
         assert dict(report.calls) == {form: 1} and not report.fallbacks and not caught
+
+
+@pytest.mark.parametrize("case", ["no-mask-plain", "cross-attention-padding", "right-and-left-padding",
+                                  "mllama-vision-key-sets", "sliding-window"])
+def test_fused_gate_matches_tanh_gate_times_sdpa(case, op_calls):
+    """mmfast_gate=FusedGate(gate): tanh(gate) * attention, the gate in every op call of the form (and applied
+    after SDPA on a fallback); values and gradients, the gate's included, as tanh(gate) * SDPA in float64."""
+    make_mask, len_q, len_k, is_causal, form = MASK_CASES[case]
+    mask = make_mask()
+    torch.manual_seed(7)
+    q = torch.randn(3, 4, len_q, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, len_k, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gate = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+    fused = mt.FusedGate(gate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mt.MmfastAttentionFallback)  # counted below
+        out, _ = mt.attention_forward(Module(), q, k, v, mask, scaling=0.3, is_causal=is_causal, mmfast_gate=fused)
+    ref = gate.tanh() * sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.3, is_causal=is_causal)[0]
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    inputs = (q, k, v, gate)
+    for g, ref_g in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(g, ref_g, rtol=1e-12, atol=1e-12)
+    assert fused.applied == 1
+    if form is None:
+        assert not op_calls and mt.report().gated == 0 and sum(mt.report().fallbacks.values()) == 1
+    else:
+        assert op_calls and all(gated for *_, gated in op_calls), op_calls  # every op call fused the gate
+        assert mt.report().gated == 1 and dict(mt.report().calls) == {form: 1}
+    with pytest.raises(TypeError, match="mmfast_gate: expected a mmfast.integrations.transformers.FusedGate"):
+        mt.attention_forward(Module(), q, k, v, mask, is_causal=is_causal, mmfast_gate=gate)
 
 
 @pytest.mark.parametrize("case", ["right-and-left-padding", "left-padding"])
@@ -387,7 +450,7 @@ def test_arbitrary_4d_mask_falls_back_counted_and_warned_once(op_calls):
     mask = torch.rand(2, 1, 6, 6) < 0.6
     mask |= torch.eye(6, dtype=torch.bool)  # every row sees one key at least
     expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-    with pytest.warns(mt.MmfastAttentionFallback, match="not causal or key padding") as caught:
+    with pytest.warns(mt.MmfastAttentionFallback, match="not causal, key padding or two key sets") as caught:
         out = fused(input_ids=ids, attention_mask=mask).last_hidden_state
     assert len([w for w in caught if w.category is mt.MmfastAttentionFallback]) == 1  # once, for 2 layers
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
