@@ -1,8 +1,11 @@
-"""`mmfast info | build | bench`: what runs here, ahead-of-time build, benchmarks against baselines."""
+"""`mmfast info | build | bench | train | predict | eval`: what runs here, ahead-of-time build, benchmarks
+against baselines, and the multimodal fine-tuning job (mmfast.train)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import sys
 import time
@@ -64,6 +67,85 @@ def _bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ train
+
+
+TRAIN_USAGE = """usage: mmfast train [CONFIG.yaml] [--section.key value ...]
+       (the same as: python -m mmfast.train ..., torchrun --nproc_per_node N -m mmfast.train ...,
+        accelerate launch -m mmfast.train ...)
+
+With no arguments: the demo (digits as image + text + DTMF audio, fusion classifier, LoRA, kernels on).
+Options override the config file; values are YAML (numbers, true/false, null, [a, b]). Flags: --resume,
+--compare-kernels, --no-kernels, --init-from MODEL_DIR. Bad input ends with one line naming the key or sample
+and exit code 2 (MMFAST_TRACEBACK=1 shows the traceback). Every option and its default:
+"""
+
+# Input errors get one line and exit code 2; anything else is a bug and keeps its traceback.
+# MMFAST_TRACEBACK=1 shows the traceback of input errors too.
+_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _input_error(command: str, exc: BaseException) -> int:
+    if os.environ.get("MMFAST_TRACEBACK") == "1":
+        raise exc
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    notes = getattr(exc, "__notes__", None) or []  # e.g. what happened to the output directory
+    if notes:
+        message += " (" + "; ".join(" ".join(str(n).split()) for n in notes) + ")"
+    print(f"mmfast {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str]) -> int:
+    """`mmfast train` / `python -m mmfast.train`: argv after the command."""
+    if any(a in ("-h", "--help") for a in argv):
+        from .train.config import help_text
+
+        print(TRAIN_USAGE + help_text())
+        return 0
+    config = None
+    if argv and not argv[0].startswith("--"):
+        config, argv = argv[0], argv[1:]
+    try:
+        from .train import load_config
+
+        cfg = load_config(config, argv)
+        from .train import train
+
+        train(cfg)
+    except _INPUT_ERRORS as exc:
+        return _input_error("train", exc)
+    except KeyboardInterrupt:
+        print("mmfast train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _predict(args) -> int:
+    from .train import predict
+
+    try:
+        rows = predict(args.model_dir, args.inputs, batch_size=args.batch_size)
+    except _INPUT_ERRORS as exc:
+        return _input_error("predict", exc)
+    for row in rows:
+        print(json.dumps(row, default=float))
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate
+
+    try:
+        result = evaluate(args.model_dir, args.data, out_dir=args.out, batch_size=args.batch_size)
+    except _INPUT_ERRORS as exc:
+        return _input_error("eval", exc)
+    if result["report"]:
+        print(result["report"])
+    print(json.dumps({"samples": result["samples"], **result["metrics"]}, default=float))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +167,28 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", metavar="PATH", help="save the results as JSON, with a PNG chart beside it")
     bench.set_defaults(run=_bench)
 
+    # `train` takes free-form --section.key options, which argparse would misread (a value such as 3e-4 would
+    # become the config positional): its arguments go to train_main as they are.
+    commands.add_parser("train", help="fine-tune a multimodal model (no arguments: the demo); "
+                        "`mmfast train --help` lists every option", add_help=False)
+
+    predict = commands.add_parser("predict", help="run a saved model on new samples: JSON lines in, JSON lines out")
+    predict.add_argument("model_dir", help="a model directory written by mmfast train (OUT/model)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="a JSONL file of samples (text, image, audio paths) or one JSON object")
+    predict.add_argument("--batch-size", type=int, default=None)
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a saved model on labelled data")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("data", help="a JSONL/CSV manifest or a datasets folder (its test split if it has splits)")
+    evaluate.add_argument("--out", metavar="DIR", help="also write the classification report and confusion matrix")
+    evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate.set_defaults(run=_eval)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
     args = parser.parse_args(argv)
     return args.run(args)
 

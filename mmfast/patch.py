@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import backends
+from .nn import CrossModalAttention
 
 __all__ = ["KindReport", "PatchReport", "patch", "unpatch"]
 
@@ -322,6 +323,8 @@ def _patch_attention(model: nn.Module, base, state: _State) -> None:
             report.swapped[name] += (f"; gate {gate} fused into the op (tanh(gate) * attention, before the bias-free "
                                      f"o_proj)" if reason is None else
                                      f"; gate {gate} applied by the model's layer, not fused: {reason}")
+        elif isinstance(modules[name], CrossModalAttention) and modules[name].gated:
+            report.swapped[name] += "; gate fused into the op (mmfast.nn.CrossModalAttention)"
         else:
             report.swapped[name] += _gate_note(name, modules)
 

@@ -81,6 +81,11 @@ def patch_loss(model: nn.Module, *, backend: str | None = None) -> tuple[list[st
     skipped: dict[str, str] = {}
     covered: list[str] = []  # prefixes of patched heads: heads nested inside them are theirs
     for name, module in model.named_modules():
+        if hasattr(type(module), "fused_loss"):  # mmfast's own models (mmfast.train.fusion) switch by a flag
+            module.__dict__[_STATE] = {"flag": True}
+            module.fused_loss = backend or True
+            patched.append(name)
+            continue
         if any(name.startswith(p + ".") or p == "" for p in covered):
             if _is_head(module):
                 owner = next(p for p in covered if p == "" or name.startswith(p + "."))
@@ -105,7 +110,9 @@ def unpatch_loss(model: nn.Module) -> list[str]:
         state = module.__dict__.get(_STATE)
         if state is None:
             continue
-        if state["had_instance_forward"]:
+        if state.get("flag"):
+            del module.fused_loss  # the class's default again: the plain loss
+        elif state["had_instance_forward"]:
             module.forward = state["original"]
         else:
             del module.forward
