@@ -294,6 +294,7 @@ def _train(cfg: TrainConfig, args, partial: Path, main: bool, started: float) ->
                                                partial)
         elif cfg.task == "contrastive" and labels.names:
             written = _zero_shot_report(bundle, trainer.model, test_samples, labels, partial)
+            test["linear_probe_accuracy"] = _linear_probe_accuracy(bundle, trainer.model, splits, labels)
         else:
             written = {"text": None, "files": []}
         result.report = written["text"]
@@ -352,6 +353,20 @@ def _time_kernels_off(cfg, initial, bundle, train_dataset, steps: int) -> float:
                                     adversarial=cfg.adversarial)
         trainer.train()
     return meter.samples_per_second
+
+
+def _linear_probe_accuracy(bundle, model, splits, labels) -> float | None:
+    """Contrastive with class names: logistic regression on the fine-tuned image embeddings of the train split,
+    scored on the test split (None when the train split holds fewer than two of the classes)."""
+    from .dual_encoder import linear_probe
+
+    def chosen(split):
+        return [s for s in (split[i] for i in range(len(split))) if s.get("label") in labels.names]
+
+    train, test = chosen(splits["train"]), chosen(splits["test"])
+    if len({s["label"] for s in train}) < 2 or not test:
+        return None
+    return linear_probe(bundle, train, test, model=model)["accuracy"]
 
 
 def _zero_shot_report(bundle, model, samples, labels, out_dir) -> dict:

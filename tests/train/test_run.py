@@ -171,6 +171,8 @@ def test_every_task_end_to_end(tmp_path, task, metrics, kind):
         more += ["--data.modalities", "[image, text]"]
     result = train(load_config(None, tiny_run_args(tmp_path / "run", data, *more)))
     assert set(result.test) >= metrics
+    if task == "contrastive":  # test split only: a probe on the fine-tuned image embeddings of the train split
+        assert 0.0 <= result.test["linear_probe_accuracy"] <= 1.0
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved["validation"]) >= metrics  # the best epoch's validation metrics, by the task's metric
     rows = predict(tmp_path / "run" / "model", [json.dumps({"id": "q", "text": "a two here",
