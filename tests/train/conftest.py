@@ -122,3 +122,16 @@ def tiny_run_args(out, data, *more):
             "--data.max_audio_seconds", "0.25", "--data.max_text_length", "8", "--model.dim", "16",
             "--model.heads", "2", "--model.kv_heads", "1", "--optim.epochs", "2", "--optim.batch_size", "8",
             "--optim.lr", "0.01", "--data.split", "[0.6, 0.2, 0.2]", *more]
+
+
+def tiny_model_config(task: str, **model):
+    """A TrainConfig for a tiny CLIP / LLaVA built from config (16 px images, width 32), model.* overridden."""
+    from mmfast.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.task = task
+    cfg.data.image_size = 16
+    cfg.model.dim, cfg.model.heads, cfg.model.kv_heads, cfg.model.layers = 32, 2, 1, 1
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    return cfg

@@ -19,21 +19,12 @@ transformers = pytest.importorskip("transformers")
 import mmfast  # noqa: E402
 from mmfast.train import dual_encoder as de  # noqa: E402
 from mmfast.train.bundle import load_bundle  # noqa: E402
-from mmfast.train.config import TrainConfig  # noqa: E402
 from mmfast.train.data import LabelSpace  # noqa: E402
+
+from .conftest import tiny_model_config  # noqa: E402
 
 NAMES = ["blue", "green", "red"]
 CHANNEL = {"red": 0, "green": 1, "blue": 2}
-
-
-def make_cfg(**model):
-    cfg = TrainConfig()
-    cfg.task = "contrastive"
-    cfg.data.image_size = 16
-    cfg.model.dim, cfg.model.heads, cfg.model.kv_heads, cfg.model.layers = 32, 2, 1, 1
-    for key, value in model.items():
-        setattr(cfg.model, key, value)
-    return cfg
 
 
 def colour_samples(n, seed, prefix="s"):
@@ -76,7 +67,7 @@ def loss_and_grads(model, batch):
 @pytest.fixture(scope="module")
 def trained():
     """(bundle, losses): the tiny CLIP after 24 AdamW steps on TRAIN, batches of 6 (two per class)."""
-    bundle = de.build_dual_encoder_bundle(make_cfg(), labels(), TRAIN)
+    bundle = de.build_dual_encoder_bundle(tiny_model_config("contrastive"), labels(), TRAIN)
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=3e-3)
     losses = []
     bundle.model.train()
@@ -92,7 +83,7 @@ def trained():
 
 
 def test_collate_pairs_images_with_class_prompts_and_names_bad_samples():
-    bundle = de.build_dual_encoder_bundle(make_cfg(), labels(), TRAIN)
+    bundle = de.build_dual_encoder_bundle(tiny_model_config("contrastive"), labels(), TRAIN)
     assert bundle.kind == "dual_encoder"
     assert set(bundle.head_modules) == {"visual_projection", "text_projection", "logit_scale"}
     batch = bundle.collate(TRAIN[:3])
@@ -111,20 +102,20 @@ def test_collate_pairs_images_with_class_prompts_and_names_bad_samples():
         bundle.collate([TRAIN[0], {**TRAIN[2], "image": None}])
     with pytest.raises(ValueError, match="'s0'.*list"):
         bundle.collate([{**TRAIN[0], "label": ["red", "blue"]}])
-    cfg = make_cfg()
+    cfg = tiny_model_config("contrastive")
     cfg.data.modalities = ["text"]
     with pytest.raises(ValueError, match="data.modalities"):
         de.build_dual_encoder_bundle(cfg, labels(), TRAIN)
     with pytest.raises(ValueError, match="model.image_encoder"):
-        de.build_dual_encoder_bundle(make_cfg(image_encoder="/some/vit"), labels(), TRAIN)
-    cfg = make_cfg()
+        de.build_dual_encoder_bundle(tiny_model_config("contrastive", image_encoder="/some/vit"), labels(), TRAIN)
+    cfg = tiny_model_config("contrastive")
     cfg.augment.mixup = 0.2
     with pytest.raises(ValueError, match="augment.mixup"):
         de.build_dual_encoder_bundle(cfg, labels(), TRAIN)
 
 
 def test_unknown_words_and_captions():
-    bundle = de.build_dual_encoder_bundle(make_cfg(), labels(), TRAIN + [{**TRAIN[0], "id": "c", "label": "crimson"}])
+    bundle = de.build_dual_encoder_bundle(tiny_model_config("contrastive"), labels(), TRAIN + [{**TRAIN[0], "id": "c", "label": "crimson"}])
     tokenizer = bundle.processor.tokenizer
     ids = bundle.collate([{**TRAIN[0], "label": "crimson square"}])["input_ids"][0].tolist()
     # "crimson" was a training caption: in the vocabulary; "square" was not: <unk>
@@ -158,7 +149,7 @@ def test_contrastive_loss_decreases_zero_shot_and_linear_probe_beat_chance(train
 
 
 def test_patched_loss_and_grads_equal_unpatched():
-    bundle = de.build_dual_encoder_bundle(make_cfg(), labels(), TRAIN)
+    bundle = de.build_dual_encoder_bundle(tiny_model_config("contrastive"), labels(), TRAIN)
     reference = copy.deepcopy(bundle.model)
     report = mmfast.patch(bundle.model)
     assert "" in report.loss.swapped and len(report.attention.swapped) == 2
@@ -191,7 +182,7 @@ def test_save_load_bundle_round_trip(trained, tmp_path):
 def test_lora_bundle_saves_adapters_and_reloads(tmp_path):
     from mmfast.train.methods import apply_method
 
-    cfg = make_cfg()
+    cfg = tiny_model_config("contrastive")
     bundle = de.build_dual_encoder_bundle(cfg, labels(), TRAIN)
     apply_method(bundle, cfg.method)  # cfg.method.name defaults to lora
     for p in bundle.model.parameters():  # move the adapters and the head off their initial values
@@ -213,7 +204,7 @@ def test_checkpoints_load_through_the_loader(trained, tmp_path):
     clip_dir = tmp_path / "clip"
     bundle.model.save_pretrained(clip_dir)
     bundle.processor.save_pretrained(clip_dir)
-    from_dir = de.build_dual_encoder_bundle(make_cfg(checkpoint=str(clip_dir)), labels(), TRAIN)
+    from_dir = de.build_dual_encoder_bundle(tiny_model_config("contrastive", checkpoint=str(clip_dir)), labels(), TRAIN)
     assert type(from_dir.model).__name__ == "CLIPModel"
     expected = bundle.predict(bundle.model, bundle.collate(TEST))
     assert from_dir.predict(from_dir.model, from_dir.collate(TEST)) == expected
@@ -229,7 +220,7 @@ def test_checkpoints_load_through_the_loader(trained, tmp_path):
     image_processor = getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)
     transformers.SiglipProcessor(image_processor=image_processor(size={"height": 16, "width": 16}),
                                  tokenizer=tokenizer).save_pretrained(siglip_dir)
-    cfg = make_cfg(checkpoint=str(siglip_dir))
+    cfg = tiny_model_config("contrastive", checkpoint=str(siglip_dir))
     cfg.data.max_text_length = 12
     siglip = de.build_dual_encoder_bundle(cfg, labels(), TRAIN)
     assert type(siglip.model).__name__ == "SiglipModel" and set(siglip.head_modules) == {"logit_scale", "logit_bias"}
@@ -242,13 +233,13 @@ def test_checkpoints_load_through_the_loader(trained, tmp_path):
     transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=8).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="model.checkpoint.*'bert'"):
-        de.build_dual_encoder_bundle(make_cfg(checkpoint=str(tmp_path / "bert")), labels(), TRAIN)
+        de.build_dual_encoder_bundle(tiny_model_config("contrastive", checkpoint=str(tmp_path / "bert")), labels(), TRAIN)
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
-        de.build_dual_encoder_bundle(make_cfg(checkpoint=str(tmp_path / "missing")), labels(), TRAIN)
+        de.build_dual_encoder_bundle(tiny_model_config("contrastive", checkpoint=str(tmp_path / "missing")), labels(), TRAIN)
 
 
 def test_embeddings_are_the_input_embedding_modules():
-    bundle = de.build_dual_encoder_bundle(make_cfg(), labels(), TRAIN)
+    bundle = de.build_dual_encoder_bundle(tiny_model_config("contrastive"), labels(), TRAIN)
     seen = {}
 
     def record(key):

@@ -19,21 +19,12 @@ transformers = pytest.importorskip("transformers")
 import mmfast  # noqa: E402
 from mmfast.train import generation as gen  # noqa: E402
 from mmfast.train.bundle import load_bundle  # noqa: E402
-from mmfast.train.config import TrainConfig  # noqa: E402
 from mmfast.train.data import LabelSpace  # noqa: E402
+
+from .conftest import tiny_model_config  # noqa: E402
 
 COLOURS = ["red", "green", "blue"]
 IMAGE_TOKENS = (16 // 4) ** 2  # image_size 16, patch 16 // 4 = 4: 16 patches, CLS dropped
-
-
-def make_cfg(**model):
-    cfg = TrainConfig()
-    cfg.task = "generation"
-    cfg.data.image_size = 16
-    cfg.model.dim, cfg.model.heads, cfg.model.kv_heads, cfg.model.layers = 32, 2, 1, 1
-    for key, value in model.items():
-        setattr(cfg.model, key, value)
-    return cfg
 
 
 def samples(n, seed, prefix="s"):
@@ -65,7 +56,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bundle():
-    return gen.build_generation_bundle(make_cfg(), LABELS, TRAIN)
+    return gen.build_generation_bundle(tiny_model_config("generation"), LABELS, TRAIN)
 
 
 def loss_and_grads(model, batch):
@@ -122,7 +113,7 @@ def test_bad_samples_name_the_sample_and_key(bundle):
         bundle.collate([TRAIN[0], {**TRAIN[1], "label": None}])
     with pytest.raises(ValueError, match="'s0'.*must be text"):
         bundle.collate([{**TRAIN[0], "label": 3.0}])
-    cfg = make_cfg()
+    cfg = tiny_model_config("generation")
     cfg.data.modalities = ["audio"]
     with pytest.raises(ValueError, match="data.modalities.*audio is ignored"):
         gen.build_generation_bundle(cfg, LABELS, TRAIN)
@@ -157,7 +148,7 @@ def test_patched_loss_and_grads_equal_unpatched_and_metrics_are_exact(bundle):
 
 
 def test_training_lowers_the_loss_and_generate_returns_text(tmp_path):
-    cfg = make_cfg()
+    cfg = tiny_model_config("generation")
     bundle = gen.build_generation_bundle(cfg, LABELS, TRAIN)
     assert bundle.kind == "vlm" and bundle.head_modules == ["model.multi_modal_projector"]
     settings_tokens = len("it is red".split()) + 1
@@ -194,7 +185,7 @@ def test_lora_and_prompt_tuning_bundles_round_trip(tmp_path):
     from mmfast.train.methods import apply_method
 
     for method in ("lora", "prompt_tuning"):
-        cfg = make_cfg()
+        cfg = tiny_model_config("generation")
         cfg.method.name = method
         bundle = gen.build_generation_bundle(cfg, LABELS, TRAIN)
         apply_method(bundle, cfg.method)
@@ -218,7 +209,7 @@ def test_lora_and_prompt_tuning_bundles_round_trip(tmp_path):
 def test_checkpoint_loads_through_the_loader(bundle, tmp_path):
     bundle.model.save_pretrained(tmp_path / "llava")
     bundle.processor.save_pretrained(tmp_path / "llava")
-    from_dir = gen.build_generation_bundle(make_cfg(checkpoint=str(tmp_path / "llava")), LABELS, TRAIN)
+    from_dir = gen.build_generation_bundle(tiny_model_config("generation", checkpoint=str(tmp_path / "llava")), LABELS, TRAIN)
     assert type(from_dir.model).__name__ == "LlavaForConditionalGeneration"
     batch = bundle.collate(TRAIN[:4])
     for key, value in from_dir.collate(TRAIN[:4]).items():
@@ -228,7 +219,7 @@ def test_checkpoint_loads_through_the_loader(bundle, tmp_path):
     transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=8).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="model.checkpoint.*'bert'"):
-        gen.build_generation_bundle(make_cfg(checkpoint=str(tmp_path / "bert")), LABELS, TRAIN)
+        gen.build_generation_bundle(tiny_model_config("generation", checkpoint=str(tmp_path / "bert")), LABELS, TRAIN)
 
 
 def test_embeddings_are_the_input_embedding_modules(bundle):
