@@ -7,7 +7,7 @@ plain `pip install .` never needs a compiler or a second torch in an isolated bu
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("MMFAST_BUILD_EXT") == "1":
@@ -19,8 +19,10 @@ if os.environ.get("MMFAST_BUILD_EXT") == "1":
     ext_modules, cmdclass = [_build.setuptools_extension()], {"build_ext": _build.build_ext_command()}
 
 setup(
-    packages=["mmfast", "mmfast.ops", "mmfast.nn", "mmfast.bench", "mmfast.integrations", "mmfast.kernels",
-              "mmfast.csrc"],
+    # Every package under mmfast/, plus the two top-level source folders mapped into it. kernels/ and csrc/
+    # have no __init__.py: with the repository root on sys.path (pytest, `python -c`, a notebook) they are at
+    # most namespace portions, which never shadow an installed top-level package (Hugging Face's `kernels`).
+    packages=[*find_packages(include=["mmfast", "mmfast.*"]), "mmfast.kernels", "mmfast.csrc"],
     package_dir={"mmfast.kernels": "kernels", "mmfast.csrc": "csrc"},
     package_data={"mmfast.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
     ext_modules=ext_modules,

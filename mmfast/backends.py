@@ -1,7 +1,7 @@
 """Registry of op × backend: which implementation runs, whether it can, and why not.
 
 Backends, each a module with functions named `<op>_forward` / `<op>_backward`:
-  triton  mmfast.kernels        CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)
+  triton  mmfast.kernels.<file> CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)
   cuda    mmfast_C.cuda         CUDA tensors, when torch is a CUDA build and nvcc is found
   cpu     mmfast_C.cpu          CPU tensors
   torch   mmfast.reference      anywhere
@@ -25,6 +25,15 @@ from . import _build
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 OPS = ("cross_entropy", "linear_cross_entropy", "lora_linear", "cross_modal_attention")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# The Triton kernels live one family per file in kernels/ (shipped as mmfast.kernels, a namespace package:
+# the folder has no __init__.py, so with the repository root on sys.path it never shadows another
+# project's top-level `kernels`, such as Hugging Face's).
+_TRITON_FILES = {
+    "cross_entropy": "cross_entropy",
+    "linear_cross_entropy": "linear_cross_entropy",
+    "lora_linear": "lora",
+    "cross_modal_attention": "attention",
+}
 
 _overrides: list[str] = []  # a plain global, not a thread-local, so torch.compile can guard on it
 
@@ -60,13 +69,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _load(backend: str):
-    """The backend's module, or raise BackendUnavailable with the reason."""
+def _load(backend: str, op: str):
+    """The module holding `op`'s kernels on `backend`, or raise BackendUnavailable with the reason."""
     if backend == "torch":
         return importlib.import_module("mmfast.reference")
     if backend == "triton":
         try:
-            return importlib.import_module("mmfast.kernels")
+            return importlib.import_module(f"mmfast.kernels.{_TRITON_FILES[op]}")
         except ImportError as exc:
             raise BackendUnavailable(f"triton cannot be imported ({exc})") from None
     if backend == "cuda":
@@ -98,7 +107,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     if reason is not None:
         return reason
     try:
-        module = _load(backend)
+        module = _load(backend, op)
     except BackendUnavailable as exc:
         return str(exc)
     if not hasattr(module, f"{op}_forward"):
@@ -125,7 +134,7 @@ def select(op: str, device: torch.device, requested: str = "") -> str:
 
 def kernel(op: str, backend: str, stage: str) -> Callable:
     """The function implementing `stage` ("forward" or "backward") of `op` on `backend`."""
-    return getattr(_load(backend), f"{op}_{stage}")
+    return getattr(_load(backend, op), f"{op}_{stage}")
 
 
 def table() -> list[dict]:

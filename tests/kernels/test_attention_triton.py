@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mmfast import reference
-from mmfast.kernels import attention, cross_modal_attention_backward, cross_modal_attention_forward
+from mmfast.kernels import attention
+from mmfast.kernels.attention import cross_modal_attention_backward, cross_modal_attention_forward
 from tests.helpers import DEVICE, assert_within_torch_error
 
 # (lq, lk) per sample: a full block and a ragged one, one query, no queries, lq > lk (causal rows with no key),

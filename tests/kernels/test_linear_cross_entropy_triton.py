@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfast.kernels import linear_cross_entropy_forward
+from mmfast.kernels.linear_cross_entropy import linear_cross_entropy_forward
 from tests.helpers import DEVICE, DTYPES, assert_within_torch_error
 
 

@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 import mmfast
-from mmfast.kernels import lora, lora_linear_backward, lora_linear_forward, lora_linear_mask
+from mmfast.kernels import lora
+from mmfast.kernels.lora import lora_linear_backward, lora_linear_forward, lora_linear_mask
 from tests.helpers import DEVICE, DTYPES, assert_within_torch_error
 
 SCALING = 0.75
