@@ -74,6 +74,9 @@ class DataConfig:
     sampling_rate: int = 8000
     max_audio_seconds: float = 1.0
     max_text_length: int = 32
+    # An image file with more pixels (width x height) is refused before it is decoded: a small file can declare
+    # a huge image (a decompression bomb). PIL's own default; null = no limit.
+    max_image_pixels: int | None = 89_478_485
     cache_dir: str | None = None
     num_workers: int = 0  # DataLoader worker processes (TrainingArguments.dataloader_num_workers)
 
@@ -349,6 +352,8 @@ def validate(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
     for key in ("image_size", "sampling_rate", "max_text_length"):
         _check(getattr(d, key) >= 1, f"data.{key}", f"expected an integer >= 1, got {getattr(d, key)}")
     _check(d.max_audio_seconds > 0, "data.max_audio_seconds", f"expected a number > 0, got {d.max_audio_seconds}")
+    _check(d.max_image_pixels is None or d.max_image_pixels >= 1, "data.max_image_pixels",
+           f"expected null (no limit) or an integer >= 1 (width x height), got {d.max_image_pixels}")
     _check(d.num_workers >= 0, "data.num_workers", f"expected an integer >= 0, got {d.num_workers}")
 
     a = cfg.augment

@@ -30,18 +30,24 @@ Sources (data.path, or data.train / data.validation / data.test):
 Splits not given are made with data.split fractions and a fixed seed, stratified by class for single-label
 classification when every class has at least 2 samples (sklearn's train_test_split).
 
-Every error is a ValueError or FileNotFoundError naming the sample id and the file or key: a missing file, an
-unreadable image or audio, a label outside data.labels, an empty split, a sample with none of the selected
-modalities, an unknown manifest column, a value of the wrong type.
+Every error is a ValueError or FileNotFoundError, one line naming the sample id and the file (a manifest row as
+path:line) or key: a missing, empty or broken-link file, a folder where a file belongs, an unreadable, damaged or
+cut-short image or audio file (whatever the decoder raised), an image of more than data.max_image_pixels pixels
+(refused before decoding: decompression bombs), a manifest that is empty, not UTF-8 (line and byte offset) or not
+valid JSON / CSV, a label outside data.labels, an empty split, a sample with none of the selected modalities, an
+unknown manifest column, a value of the wrong type.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
 import os
+import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .config import DataConfig
 
 __all__ = [
     "TASKS", "MODALITIES", "SPLITS", "COLUMNS", "LabelSpace", "SampleDataset", "load_splits", "load_samples",
@@ -253,16 +261,88 @@ def _label_space(task, records_by_split, given) -> LabelSpace:
 # ------------------------------------------------------------------------------------------------ media
 
 
-def load_image(source, size: int | None, sample_id: str = "?") -> np.ndarray:
+def _check_file(path, what: str) -> None:
+    """Raise unless path is a non-empty regular file. what starts the message: "sample 'x': image file".
+
+    A FIFO or device would block or never end when read, so only regular files pass."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(f"{what} {path} is a broken symbolic link (to {os.readlink(path)})") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:  # a parent that is a file, a symlink loop, no permission
+        raise ValueError(f"{what} {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if info.st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes)")
+
+
+def _reason(error: BaseException) -> str:
+    """A decoder's exception as one line; types other than ValueError / OSError come from parsers tripping over
+    damaged bytes (struct.error, ZeroDivisionError, ...), so their name is kept to say what happened."""
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, OSError)) and text:
+        return text
+    kind = type(error).__name__ if type(error).__module__ == "builtins" else \
+        f"{type(error).__module__}.{type(error).__name__}"
+    return f"damaged or cut short ({kind}{': ' + text if text else ''})"
+
+
+# PIL's decompression-bomb limit is a module global; it is set to the caller's limit for one decode at a time.
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+class _TooManyPixels(Exception):
+    pass
+
+
+def _check_pixels(image, max_pixels: int | None) -> None:
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise _TooManyPixels(f"{image.width}x{image.height} = {image.width * image.height} pixels")
+
+
+def _decode_image(fp, max_pixels: int | None):
+    """PIL.Image.open(fp), loaded; refuses (before decoding) an image of more than max_pixels pixels."""
+    from PIL import Image
+
+    with _PIXEL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = None  # the check below, on the declared size, says it with the sizes
+            image = Image.open(fp)
+            try:
+                _check_pixels(image, max_pixels)
+                Image.MAX_IMAGE_PIXELS = max_pixels  # frames and tiles met while decoding: PIL checks them
+                image.load()
+            except BaseException:
+                image.close()
+                raise
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    return image
+
+
+def load_image(source, size: int | None, sample_id: str = "?",
+               max_pixels: int | None = DataConfig.max_image_pixels) -> np.ndarray:
     """An image as float32 (size, size, 3) in [0, 1] (no resize when size is None).
 
     source: a file path, {"bytes", "path"} (datasets Image feature, undecoded), raw bytes, a PIL image or an array
-    (H, W), (H, W, 1|3|4); uint8 is scaled by 255, uint16 by 65535, floats are clipped to [0, 1]."""
+    (H, W), (H, W, 1|3|4); uint8 is scaled by 255, uint16 by 65535, floats are clipped to [0, 1].
+    max_pixels: an encoded image (file, bytes, PIL image) of more pixels is refused (None: no limit)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     where = _where(source)
-    if isinstance(source, np.ndarray) or isinstance(source, (list, tuple)):
-        return _array_image(np.asarray(source), size, sample_id)
+    if isinstance(source, (np.ndarray, list, tuple)):
+        try:
+            array = np.asarray(source)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"sample {sample_id!r}: key 'image': not an array of pixels ({_reason(e)})") from None
+        return _array_image(array, size, sample_id)
     if isinstance(source, dict):
         if source.get("bytes") is not None:
             source = source["bytes"]
@@ -270,15 +350,16 @@ def load_image(source, size: int | None, sample_id: str = "?") -> np.ndarray:
             source = source["path"]
         else:
             raise ValueError(f"sample {sample_id!r}: key 'image': a mapping without 'bytes' or 'path'")
+    if isinstance(source, (str, os.PathLike)):
+        _check_file(source, f"sample {sample_id!r}: image file")
+    # Any exception PIL raises while reading the bytes is the file's fault (parsers of damaged files raise
+    # struct.error, IndexError, ... as well as OSError), so every one becomes the sample's error.
     try:
         if isinstance(source, Image.Image):
             image = source
+            _check_pixels(image, max_pixels)
         else:
-            try:
-                image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-            except (FileNotFoundError, IsADirectoryError):
-                raise FileNotFoundError(f"sample {sample_id!r}: image file not found: {source}") from None
-            image.load()
+            image = _decode_image(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, max_pixels)
         if image.format in ("JPEG", "MPO", "TIFF", "WEBP"):  # photos: honour the camera's orientation tag
             image = ImageOps.exif_transpose(image)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -286,17 +367,25 @@ def load_image(source, size: int | None, sample_id: str = "?") -> np.ndarray:
             array = np.asarray(image).astype(np.float32)
             scale = 1.0 if image.mode == "F" else (65535.0 if image.mode.startswith("I;16") or array.max() <= 65535
                                                    else 2.0**31 - 1)
-            return _array_image(array / scale, size, sample_id)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")  # palette transparency: PIL warns unless it goes through RGBA
-        image = image.convert("RGB")
-        if size is not None and image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        return np.asarray(image, dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"sample {sample_id!r}: unreadable image {where}: {e}") from None
+        else:
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # palette transparency: PIL warns unless it goes through RGBA
+            image = image.convert("RGB")
+            if size is not None and image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            return np.asarray(image, dtype=np.float32) / 255.0
+    except _TooManyPixels as e:
+        raise ValueError(f"sample {sample_id!r}: image {where} has {e}, more than data.max_image_pixels = "
+                         f"{max_pixels} (refused before decoding: a decompression bomb? raise the limit to read it)"
+                         ) from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"sample {sample_id!r}: image {where}: a frame or tile is too large for "
+                         f"data.max_image_pixels = {max_pixels} ({_reason(e)})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"sample {sample_id!r}: unreadable image {where}: not an image format PIL reads") from None
+    except Exception as e:
+        raise ValueError(f"sample {sample_id!r}: unreadable image {where}: {_reason(e)}") from None
+    return _array_image(array / scale, size, sample_id)
 
 
 def _array_image(array: np.ndarray, size, sample_id) -> np.ndarray:
@@ -334,13 +423,14 @@ def load_audio(source, sampling_rate: int, max_seconds: float | None = None, sam
 
     source: a .wav path, raw .wav bytes, {"bytes", "path"} (datasets Audio feature, undecoded),
     {"array", "sampling_rate"} (decoded) or an array (at source_rate, default sampling_rate). WAV: 8-bit unsigned,
-    16/24/32-bit integer or float PCM; channels are averaged; resampled with scipy's resample_poly."""
+    16/24/32-bit integer or 32/64-bit float PCM (other encodings, such as A-law, mu-law, ADPCM or MP3 in a WAV
+    container, and files cut short are refused); channels are averaged; resampled with scipy's resample_poly."""
     from scipy.io import wavfile
 
     where = _where(source)
     if isinstance(source, dict):
         if source.get("array") is not None:
-            source_rate = int(source.get("sampling_rate") or sampling_rate)
+            source_rate = source.get("sampling_rate") or sampling_rate
             source = source["array"]
         elif source.get("bytes") is not None:
             source = source["bytes"]
@@ -350,17 +440,23 @@ def load_audio(source, sampling_rate: int, max_seconds: float | None = None, sam
             raise ValueError(f"sample {sample_id!r}: key 'audio': a mapping without 'array', 'bytes' or 'path'")
     if isinstance(source, (str, os.PathLike, bytes, bytearray)):
         if isinstance(source, (str, os.PathLike)):
-            if not os.path.isfile(source):
-                raise FileNotFoundError(f"sample {sample_id!r}: audio file not found: {source}")
+            _check_file(source, f"sample {sample_id!r}: audio file")
             if not str(source).lower().endswith(".wav"):
                 raise ValueError(f"sample {sample_id!r}: audio file {source}: only .wav files are read (convert it, "
                                  "e.g. `ffmpeg -i in.mp3 out.wav`)")
+        # scipy's parser fails on damaged headers with struct.error, ZeroDivisionError, ... as well as ValueError:
+        # every exception of the read is the file's fault.
         try:
-            with warnings.catch_warnings():  # metadata chunks (LIST, bext) are common and harmless: no noise
-                warnings.simplefilter("ignore", wavfile.WavFileWarning)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", wavfile.WavFileWarning)  # metadata chunks (LIST, bext): harmless
+                # ... but a data chunk shorter than its header says is a file cut short, not a shorter recording
+                warnings.filterwarnings("error", "Reached EOF prematurely", wavfile.WavFileWarning)
                 rate, data = wavfile.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        except (ValueError, OSError, EOFError, IndexError, KeyError) as e:  # scipy's errors for broken headers
-            raise ValueError(f"sample {sample_id!r}: unreadable audio {where}: {e}") from None
+        except wavfile.WavFileWarning as e:
+            raise ValueError(f"sample {sample_id!r}: audio {where} is cut short ({' '.join(str(e).split())})"
+                             ) from None
+        except Exception as e:
+            raise ValueError(f"sample {sample_id!r}: unreadable audio {where}: {_reason(e)}") from None
         data = np.asarray(data)
         if data.dtype == np.uint8:
             wave = (data.astype(np.float32) - 128.0) / 128.0
@@ -371,10 +467,13 @@ def load_audio(source, sampling_rate: int, max_seconds: float | None = None, sam
         elif data.dtype.kind == "f":
             wave = data.astype(np.float32)
         else:
-            raise ValueError(f"sample {sample_id!r}: audio {where}: unsupported sample format {data.dtype}")
-        rate = int(rate)
+            raise ValueError(f"sample {sample_id!r}: audio {where}: unsupported sample format {data.dtype} (8-bit "
+                             "unsigned, 16/24/32-bit integer and float PCM are read)")
     else:
-        wave = np.asarray(source)
+        try:
+            wave = np.asarray(source)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"sample {sample_id!r}: key 'audio': not an array of samples ({_reason(e)})") from None
         if wave.dtype.kind not in "fiu":
             raise ValueError(f"sample {sample_id!r}: key 'audio': a numeric array was expected, got {wave.dtype}")
         if wave.dtype == np.int16:
@@ -382,8 +481,18 @@ def load_audio(source, sampling_rate: int, max_seconds: float | None = None, sam
         wave = wave.astype(np.float32)
         if wave.ndim == 2 and wave.shape[0] < wave.shape[1]:
             wave = wave.T  # (channels, samples) -> (samples, channels)
-        rate = int(source_rate or sampling_rate)
+        rate = source_rate or sampling_rate
+    try:
+        valid_rate = not isinstance(rate, bool) and float(rate).is_integer() and float(rate) >= 1
+    except (TypeError, ValueError):
+        valid_rate = False
+    if not valid_rate:
+        raise ValueError(f"sample {sample_id!r}: audio {where}: the sampling rate must be a positive integer (Hz), "
+                         f"got {rate!r}")
+    rate = int(float(rate))
     if wave.ndim == 2:
+        if wave.shape[1] == 0:
+            raise ValueError(f"sample {sample_id!r}: audio {where}: no channels (shape {wave.shape})")
         wave = wave.mean(axis=1)  # stereo -> mono
     if wave.ndim != 1:
         raise ValueError(f"sample {sample_id!r}: audio {where}: expected mono or multi-channel samples, got shape "
@@ -422,7 +531,17 @@ def _text_value(value, sample_id):
         return None
     if not isinstance(value, str):
         raise ValueError(f"sample {sample_id!r}: key 'text': a string was expected, got {type(value).__name__}")
+    _check_unicode(value, "text", sample_id)
     return value if value.strip() else None  # an empty text carries nothing: treated as missing
+
+
+def _check_unicode(value: str, key: str, sample_id) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode: refused here, by sample."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"sample {sample_id!r}: key {key!r}: not valid Unicode (a lone surrogate "
+                         f"{value[e.start]!r} at character {e.start})") from None
 
 
 def _media_value(value, key, base: Path | None, sample_id):
@@ -470,50 +589,91 @@ def _record(row: dict, default_id: str, task: str | None, base: Path | None, sou
     label = row.get("label")
     if isinstance(label, str) and not label.strip() and task != "multilabel":
         label = None  # an empty CSV cell
-    return {
-        "id": sample_id,
-        "text": _text_value(row.get("text"), sample_id),
-        "image": _media_value(row.get("image"), "image", base, sample_id),
-        "audio": _media_value(row.get("audio"), "audio", base, sample_id),
-        "label": _normalise_label(label, task, sample_id) if task else label,
-        "split": split,
-        "group": None if group in (None, "") else str(group),
-    }
+    try:
+        if isinstance(label, str):
+            _check_unicode(label, "label", sample_id)
+        return {
+            "id": sample_id,
+            "text": _text_value(row.get("text"), sample_id),
+            "image": _media_value(row.get("image"), "image", base, sample_id),
+            "audio": _media_value(row.get("audio"), "audio", base, sample_id),
+            "label": _normalise_label(label, task, sample_id) if task else label,
+            "split": split,
+            "group": None if group in (None, "") else str(group),
+            "origin": source,  # where the sample comes from, for the errors of later checks and decoding
+        }
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _read_text(path: Path) -> str:
+    """A manifest's text (UTF-8, a byte-order mark allowed); errors name the file, and for bytes that are not
+    UTF-8 the line and the byte offset."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"data: manifest {path}: cannot read it ({e.strerror or e})") from None
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[offset]:02x} at byte offset {offset}); save "
+                         "the file as UTF-8") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ValueError(f"{path}:{line}: holds NUL bytes (UTF-16 text? save the file as UTF-8)")
+    if not text.strip():
+        raise ValueError(f"data: manifest {path} is empty (no samples)")
+    return text
 
 
 def _read_manifest(path: Path, task: str | None) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"data: manifest not found: {path}")
+    _check_file(path, "data: manifest")
     base = path.parent
     suffix = path.suffix.lower()
-    rows: list[tuple[str, Any]] = []
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise ValueError(f"data: {path}: a manifest must be .jsonl, .json or .csv (or a datasets folder)")
+    text = _read_text(path)
+    rows: list[tuple[str, str, Any]] = []  # (default id, where the row is, row)
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{path.name}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may stand unescaped in a string
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path.name}:{n}", f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json manifest must be a list of objects (or use JSON lines, .jsonl)")
-        rows = [(f"{path.name}:{i}", r) for i, r in enumerate(data)]
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for n, row in enumerate(reader, 2):  # line 1 is the header
+        if not data:
+            raise ValueError(f"data: manifest {path} is an empty list (no samples)")
+        rows = [(f"{path.name}:{i}", f"{path} item {i}", r) for i, r in enumerate(data)]
+    else:
+        # strict: a quote left open is an error, not a cell that swallows the rest of the file
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        start = 1  # the line where the row being read begins
+        try:
+            reader.fieldnames  # reads the header
+            start = reader.line_num + 1
+            for row in reader:
+                n = reader.line_num
                 if None in row:
                     raise ValueError(f"{path}:{n}: more cells than the header has columns")
-                rows.append((f"{path.name}:{n}", {k.strip(): (v if v != "" else None) for k, v in row.items()}))
-    else:
-        raise ValueError(f"data: {path}: a manifest must be .jsonl, .json or .csv (or a datasets folder)")
-    return [_record(row, default_id, task, base, str(path)) for default_id, row in rows]
+                rows.append((f"{path.name}:{n}", f"{path}:{n}",
+                             {k.strip(): (v if v != "" else None) for k, v in row.items()}))
+                start = n + 1
+        except csv.Error as e:
+            raise ValueError(f"{path}:{start}: not valid CSV ({e})") from None
+        if not rows:
+            raise ValueError(f"data: manifest {path} has a header line but no samples")
+    return [_record(row, default_id, task, base, where) for default_id, where, row in rows]
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -565,7 +725,7 @@ def _read_source(path, task: str | None, split: str | None = None) -> dict[str, 
             try:
                 ds = load_from_disk(str(path))
             except Exception as e:  # datasets raises several types for a damaged folder
-                raise ValueError(f"data: {path}: not a readable datasets folder: {e}") from None
+                raise ValueError(f"data: {path}: not a readable datasets folder: {_reason(e)}") from None
             if isinstance(ds, DatasetDict):
                 out = {}
                 for name in ds:
@@ -576,12 +736,10 @@ def _read_source(path, task: str | None, split: str | None = None) -> dict[str, 
                 return out
             return _hf_records(ds, "row", task, path, str(path))
         for name in ("manifest.jsonl", "manifest.csv", "manifest.json"):
-            if (path / name).is_file():
+            if os.path.lexists(path / name):  # a broken link or a folder by that name is reported, not skipped
                 return _read_manifest(path / name, task)
         raise ValueError(f"data: {path}: a folder must be written by datasets' save_to_disk (dataset_dict.json "
                          "or state.json) or hold manifest.jsonl / manifest.csv")
-    if not path.exists():
-        raise FileNotFoundError(f"data: not found: {path}")
     return _read_manifest(path, task)
 
 
@@ -598,38 +756,42 @@ class SampleDataset(torch.utils.data.Dataset):
     def __init__(self, records: list[dict], cfg, name: str = "data", cache: bool | None = None):
         cfg = _data_cfg(cfg)
         self.name = name
-        self.records = [{k: r[k] for k in ("id", "text", "image", "audio", "label")} for r in records]
+        self.records = [{**{k: r[k] for k in ("id", "text", "image", "audio", "label")},
+                         "origin": r.get("origin") or name} for r in records]
         self.modalities = _modalities(cfg)
         self.image_size = _get(cfg, "image_size", 32)
         self.sampling_rate = int(_get(cfg, "sampling_rate", 16000))
         self.max_audio_seconds = _get(cfg, "max_audio_seconds", None)
+        self.max_image_pixels = _get(cfg, "max_image_pixels", DataConfig.max_image_pixels)
         for r in self.records:  # modalities not fed to the model are dropped before anything reads them
             for m in MODALITIES:
                 if m not in self.modalities:
                     r[m] = None
             if all(r[m] is None for m in MODALITIES):
-                raise ValueError(f"{name}: sample {r['id']!r} has none of the modalities "
+                raise ValueError(f"{r['origin']}: sample {r['id']!r} has none of the modalities "
                                  f"{', '.join(self.modalities)} (data.modalities)")
         if cache is None:
             per = (3 * 4 * (self.image_size or 224) ** 2 if "image" in self.modalities else 0) + \
                   (4 * self.sampling_rate * (self.max_audio_seconds or 10) if "audio" in self.modalities else 0)
             cache = per * len(self.records) <= _CACHE_BYTES
-        if not cache:  # decoding happens later: at least every file's existence is checked now
+        if not cache:  # decoding happens later: at least every file is checked to be there, and not empty, now
             for r in self.records:
                 for m in ("image", "audio"):
-                    if isinstance(r[m], str) and not os.path.isfile(r[m]):
-                        raise FileNotFoundError(f"{name}: sample {r['id']!r}: {m} file not found: {r[m]}")
+                    if isinstance(r[m], str):
+                        _check_file(r[m], f"{r['origin']}: sample {r['id']!r}: {m} file")
         self._cache = [self._decode(r) for r in self.records] if cache else None
 
     def _decode(self, r: dict) -> dict:
-        return {
-            "id": r["id"],
-            "text": r["text"],
-            "image": None if r["image"] is None else load_image(r["image"], self.image_size, r["id"]),
-            "audio": None if r["audio"] is None else load_audio(r["audio"], self.sampling_rate,
-                                                                self.max_audio_seconds, r["id"]),
-            "label": r["label"],
-        }
+        try:
+            image = None if r["image"] is None else load_image(r["image"], self.image_size, r["id"],
+                                                               self.max_image_pixels)
+            audio = None if r["audio"] is None else load_audio(r["audio"], self.sampling_rate,
+                                                               self.max_audio_seconds, r["id"])
+        except FileNotFoundError as e:  # the errors name the sample and the media file; this adds the manifest
+            raise FileNotFoundError(f"{r['origin']}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{r['origin']}: {e}") from None
+        return {"id": r["id"], "text": r["text"], "image": image, "audio": audio, "label": r["label"]}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -803,23 +965,27 @@ def load_splits(cfg, task: str, seed: int = 0) -> tuple[dict[str, SampleDataset]
     for name in SPLITS:
         for r in by_split[name]:
             if r["label"] is None:
-                raise ValueError(f"data ({name} split): sample {r['id']!r} has no label")
+                raise ValueError(f"{r['origin']} ({name} split): sample {r['id']!r} has no label")
     labels = _label_space(task, [by_split[n] for n in SPLITS], _get(cfg, "labels"))
-    for name in SPLITS:  # every label checked now, before any training: errors name the sample
+    for name in SPLITS:  # every label checked now, before any training: errors name the sample and its file
         for r in by_split[name]:
-            labels.encode(r["label"], r["id"])
+            try:
+                labels.encode(r["label"], r["id"])
+            except ValueError as e:
+                raise ValueError(f"{r['origin']}: {e}") from None
     splits = {name: SampleDataset(by_split[name], cfg, name=name) for name in SPLITS}
     return splits, labels
 
 
 def _check_ids(by_split):
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for name, records in by_split.items():
         for r in records:
             if r["id"] in seen:
-                raise ValueError(f"data: sample id {r['id']!r} appears twice ({seen[r['id']]} and {name} splits); "
-                                 "ids must be unique")
-            seen[r["id"]] = name
+                first_split, first_origin = seen[r["id"]]
+                raise ValueError(f"{r['origin']}: sample id {r['id']!r} appears twice ({first_split} and {name} "
+                                 f"splits; first at {first_origin}); ids must be unique")
+            seen[r["id"]] = (name, r["origin"])
 
 
 def load_samples(path_or_records, cfg, task: str | None = None, split: str | None = None) -> list[dict]:
