@@ -1,13 +1,16 @@
 """`mmfast train / predict / eval` as a user runs them (subprocesses): a cut-down demo end to end with every
 output file, and bad input -> one line naming the key or sample, exit code 2, no finished-looking directory."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.io import wavfile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,4 +83,34 @@ def test_bad_input_exits_2_and_leaves_no_run(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("method: {name: qlora}\n")
     _one_line_error(_mmfast("train", config, "--output_dir", out), "method.name", "qlora")
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def _cut_wav_manifest(folder: Path) -> Path:
+    """Nine text samples, then sample 'bad' (line 10) whose WAV file ends in the middle of its data."""
+    wav = io.BytesIO()
+    wavfile.write(wav, 8000, np.zeros(400, np.int16))
+    (folder / "cut.wav").write_bytes(wav.getvalue()[:300])
+    rows = [{"id": f"ok{i}", "text": f"word{i % 3}", "label": "abc"[i % 3]} for i in range(9)]
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"id": "bad", "audio": "cut.wav", "label": "a"}]))
+    return path
+
+
+def _latin1_csv(folder: Path) -> Path:
+    path = folder / "data.csv"
+    path.write_bytes("id,text,label\n".encode() + "".join(f"r{i},caf\xe9 {i},{'abc'[i % 3]}\n"
+                                                          for i in range(9)).encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize("make,words", [
+    (_cut_wav_manifest, ["data.jsonl:10", "sample 'bad'", "cut.wav", "cut short"]),
+    (_latin1_csv, ["data.csv:2", "not UTF-8", "0xe9"]),
+])
+def test_bad_data_is_one_line_and_leaves_no_run(tmp_path, make, words):
+    out = tmp_path / "run"
+    result = _mmfast("train", "--output_dir", out, "--data.path", make(tmp_path), "--optim.max_steps", "1")
+    _one_line_error(result, *words)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert not out.exists() and not (tmp_path / "run.partial").exists()
