@@ -69,8 +69,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _load(backend: str, op: str):
-    """The module holding `op`'s kernels on `backend`, or raise BackendUnavailable with the reason."""
+def _load(backend: str, op: str, compile: bool = True):
+    """The module holding `op`'s kernels on `backend`, or raise BackendUnavailable with the reason.
+
+    With `compile` False the C++ extension is only loaded when a build of it is cached (for `mmfast info`).
+    """
     if backend == "torch":
         return importlib.import_module("mmfast.reference")
     if backend == "triton":
@@ -83,8 +86,10 @@ def _load(backend: str, op: str):
             raise BackendUnavailable("this torch is a CPU-only build")
         if not _build.with_cuda():
             raise BackendUnavailable("nvcc was not found (set CUDA_HOME)")
-    extension = _build.load_extension()
+    extension = _build.load_extension(compile=compile)
     if extension is None:
+        if _build.error() is None:
+            raise BackendUnavailable(_build.not_built_reason())
         raise BackendUnavailable(f"the C++ extension failed to build: {_build.error()}")
     if not hasattr(extension, backend):
         raise BackendUnavailable(f"the C++ extension at {extension.__file__} was built without its {backend} part")
@@ -101,13 +106,14 @@ def _device_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
-    """None when `backend` can run `op` on tensors of `device`, else why not."""
+def unavailable_reason(op: str, backend: str, device: torch.device, compile: bool = True) -> str | None:
+    """None when `backend` can run `op` on tensors of `device`, else why not (building the extension if
+    `compile`, else saying that it is not built yet)."""
     reason = _device_reason(backend, device)
     if reason is not None:
         return reason
     try:
-        module = _load(backend, op)
+        module = _load(backend, op, compile)
     except BackendUnavailable as exc:
         return str(exc)
     if not hasattr(module, f"{op}_forward"):
@@ -138,12 +144,15 @@ def kernel(op: str, backend: str, stage: str) -> Callable:
 
 
 def table() -> list[dict]:
-    """One row per op × backend: availability on CPU and CUDA tensors, with reasons (for `mmfast info`)."""
+    """One row per op × backend: availability on CPU and CUDA tensors, with reasons (for `mmfast info`).
+
+    Never compiles: the C++ backends read "yes" only where the extension is built (or was loaded).
+    """
     rows = []
     for op in OPS:
         for backend in BACKENDS:
             row = {"op": op, "backend": backend}
             for device in ("cpu", "cuda"):
-                row[device] = unavailable_reason(op, backend, torch.device(device)) or "yes"
+                row[device] = unavailable_reason(op, backend, torch.device(device), compile=False) or "yes"
             rows.append(row)
     return rows
