@@ -17,6 +17,8 @@ from .bench import BENCHMARKS, harness
 
 
 def _info(args) -> int:
+    if args.build and _build_command(args) != 0:
+        return 1
     try:
         import triton
 
@@ -29,7 +31,7 @@ def _info(args) -> int:
     print(f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'}, CPU {torch.backends.cpu.get_cpu_capability()})")
     print(f"triton      {triton_version}")
     print(f"GPU         {gpu}")
-    print(f"build cache {_build.cache_dir()}")
+    print(f"build cache {_build.cache_dir()} ({'built' if _build.built_library() else 'not built yet'})")
     print()
     rows = backends.table()
     widths = [max(len(str(r[k])) for r in rows + [{"op": "op", "backend": "backend", "cpu": "CPU tensors"}]) for k in ("op", "backend", "cpu")]
@@ -150,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("info", help="versions and the op x backend table").set_defaults(run=_info)
+    info = commands.add_parser("info", help="versions and the op x backend table (at once: it never compiles)")
+    info.add_argument("--build", action="store_true", help="compile the C++/CUDA extension first (cached)")
+    info.add_argument("--verbose", action="store_true", help="with --build: show the compiler's commands")
+    info.set_defaults(run=_info)
 
     build = commands.add_parser("build", help="compile the C++/CUDA extension now (it is cached)")
     build.add_argument("--verbose", action="store_true", help="show the compiler's commands")
