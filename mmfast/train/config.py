@@ -513,7 +513,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not file.is_file():
             raise FileNotFoundError(f"config file {path}: not found")
         try:
-            tree = yaml.safe_load(file.read_text()) or {}
+            tree = yaml.safe_load(file.read_bytes()) or {}  # bytes: a non-UTF-8 file is a YAMLError naming the byte
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(tree, dict):

@@ -128,6 +128,10 @@ def test_missing_or_malformed_file(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(str(path), [])
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("optim:\n  lr: 1e-3  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not valid YAML .*position 24"):
+        load_config(str(latin1), [])
 
 
 def test_round_trip(tmp_path):
