@@ -13,10 +13,16 @@ saved with Bundle.save; reports and plots; a summary.
 Output directory (cfg.output_dir = OUT):
   the run writes into OUT.partial/ (run.json {"status": "running"}); at the end OUT.partial is renamed to OUT
   (a finished run it replaces is removed only then), with run.json {"status": "finished"}. So OUT, when it
-  exists, always holds a finished run. On any error (bad input, Ctrl-C) OUT.partial is removed, unless it
-  holds a Trainer checkpoint (an epoch finished): then it is kept with run.json {"status": "failed", "error"}
-  and `--resume` continues it (the message says which). A previous OUT that is not an mmfast run (no run.json)
-  is never deleted: the run refuses to start.
+  exists, always holds a finished run. On any error (bad input) or interrupt (Ctrl-C = SIGINT, SIGTERM: both
+  raise KeyboardInterrupt, the CLI exits 130 / 143) OUT.partial is removed, unless it holds a complete
+  checkpoint (an epoch finished): then it is kept with run.json {"status": "failed", "error"} or
+  {"status": "interrupted", "signal"}, and `--resume` continues it (the message says which). A previous OUT
+  that is not an mmfast run (no run.json) is never deleted: the run refuses to start.
+  Checkpoints are written to a temporary name and renamed when whole (trainer.MultimodalTrainer), so a kill -9
+  at any moment, even mid-save, leaves only whole checkpoints or temporary folders: `--resume` deletes the
+  latter (and any checkpoint folder without its trainer_state.json or weights), says which checkpoint it
+  resumes from (step, epoch), and reproduces the uninterrupted run. With no complete checkpoint it says so:
+  start afresh.
   OUT/ config.yaml  run.json  metrics.json  classification_report.txt/.json  confusion_matrix.png
        curves.png  model/ (Bundle.save + train_config.yaml)  checkpoints/ (the Trainer's, best and last)
 
@@ -35,20 +41,23 @@ off; with early_stopping.metric loss on tiny splits prefer one process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, config_from_dict, save_config, validate
 
-__all__ = ["RunResult", "train", "evaluate", "predict", "partial_dir"]
+__all__ = ["RunResult", "train", "evaluate", "predict", "partial_dir", "Terminated"]
 
 
 @dataclass
@@ -72,11 +81,39 @@ def partial_dir(output_dir) -> Path:
 
 
 def _checkpoints(directory: Path) -> list[Path]:
-    folder = directory / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    """The complete Trainer checkpoints of the run in directory (OUT.partial), oldest first."""
+    from .trainer import complete_checkpoints
+
+    return complete_checkpoints(directory / "checkpoints")
+
+
+def _checkpoint_position(checkpoint: Path) -> str:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    epoch = state.get("epoch")
+    return f"step {state.get('global_step')} of {state.get('max_steps')}, epoch " + (
+        f"{epoch:g}" if isinstance(epoch, (int, float)) else "?")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler's stop, torchrun stopping its workers) handled as Ctrl-C is."""
+
+    signal_number = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _write_json(path: Path, data) -> None:
@@ -92,9 +129,18 @@ def _prepare_output(cfg: TrainConfig) -> Path:
         raise ValueError(f"output_dir: {final} exists and is not an mmfast run (no run.json); choose another "
                          f"output_dir or empty it")
     if cfg.resume:
+        from .trainer import discard_incomplete_checkpoints
+
+        if not partial.is_dir():
+            raise ValueError(f"resume: nothing to resume: {partial} does not exist; start afresh: run again "
+                             f"without --resume")
+        removed = discard_incomplete_checkpoints(partial / "checkpoints")
+        if removed:
+            print(f"resume: removed {', '.join(removed)} from {partial / 'checkpoints'}")
         if not _checkpoints(partial):
-            raise ValueError(f"resume: nothing to resume in {partial} (no checkpoint there; a failed run keeps it "
-                             f"only once an epoch has finished)")
+            raise ValueError(f"resume: nothing to resume in {partial}: no complete checkpoint there (a run keeps "
+                             f"one once its first epoch has finished); start afresh: run again without --resume "
+                             f"(that replaces {partial})")
     elif partial.exists():
         if _checkpoints(partial):
             raise ValueError(f"output_dir: {partial} holds an interrupted run with checkpoints; continue it with "
@@ -107,17 +153,28 @@ def _prepare_output(cfg: TrainConfig) -> Path:
     return partial
 
 
-def _fail(partial: Path, error: BaseException) -> str:
-    """Clean up after an error (main process): remove OUT.partial, or keep it when it has checkpoints."""
+def _fail(partial: Path, error: BaseException, resumed_from: Path | None) -> str:
+    """Clean up after an error or interrupt (main process): remove OUT.partial, or keep it when it has a
+    complete checkpoint. Returns what became of it."""
     if not partial.exists():
         return ""
     kept = _checkpoints(partial)
-    if kept:
-        _write_json(partial / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                                           "checkpoint": str(kept[-1]), "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if not kept:
+        shutil.rmtree(partial, ignore_errors=True)
+        return f"removed {partial} (no checkpoint to resume from)"
+    ended = time.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(error, KeyboardInterrupt):
+        name = signal.Signals(getattr(error, "signal_number", signal.SIGINT)).name
+        _write_json(partial / "run.json", {"status": "interrupted", "signal": name, "checkpoint": str(kept[-1]),
+                                           "ended": ended})
         return f"kept {partial} (last checkpoint {kept[-1].name}): continue it with --resume"
-    shutil.rmtree(partial, ignore_errors=True)
-    return f"removed {partial} (no checkpoint to resume from)"
+    _write_json(partial / "run.json", {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                                       "checkpoint": str(kept[-1]), "ended": ended})
+    if resumed_from is not None and kept[-1].name == resumed_from.name:
+        # the resumed run failed before its next checkpoint: --resume again would start from the same place
+        return (f"kept {partial} (last checkpoint {kept[-1].name}); resuming from it failed, so fix the cause "
+                f"first, or start afresh: delete {partial} and run again without --resume")
+    return f"kept {partial} (last checkpoint {kept[-1].name}): continue it with --resume"
 
 
 def _finish(partial: Path, final: Path) -> None:
@@ -173,28 +230,28 @@ def train(cfg: TrainConfig) -> RunResult:
     # sets up torch.distributed under torchrun / accelerate launch (so is_main below is per process)
     args = training_arguments(cfg, str(partial / "checkpoints"))
     main = _is_main()
-    if main:
-        _prepare_output(cfg)
-    _wait()
-    try:
-        result = _train(cfg, args, partial, main, started)
-    except BaseException as error:
+    with _sigterm_as_interrupt():
         if main:
-            note = _fail(partial, error)
-            if note:  # shown by tracebacks (Python 3.11+) and appended to the CLI's one-line error
-                notes = getattr(error, "__notes__", None)
-                if notes is None:
-                    notes = []
-                    try:
-                        error.__notes__ = notes
-                    except AttributeError:
-                        notes = None
-                if notes is not None:
-                    notes.append(f"output: {note}")
-            if note and isinstance(error, KeyboardInterrupt):
-                print(f"mmfast train: {note}", file=sys.stderr)
-        raise
-    _wait()
+            _prepare_output(cfg)
+        _wait()
+        resume_from = _checkpoints(partial)[-1] if cfg.resume else None  # every process, after the clean-up
+        try:
+            result = _train(cfg, args, partial, main, started, resume_from)
+        except BaseException as error:
+            if main:
+                note = _fail(partial, error, resume_from)
+                if note:  # shown by tracebacks (Python 3.11+) and appended to the CLI's one-line message
+                    notes = getattr(error, "__notes__", None)
+                    if notes is None:
+                        notes = []
+                        try:
+                            error.__notes__ = notes
+                        except AttributeError:
+                            notes = None
+                    if notes is not None:
+                        notes.append(f"output: {note}")
+            raise
+        _wait()
     if main:
         _finish(partial, final)
         result.files = [str(final / Path(f).relative_to(partial)) for f in result.files]
@@ -204,7 +261,7 @@ def train(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def _train(cfg: TrainConfig, args, partial: Path, main: bool, started: float) -> RunResult:
+def _train(cfg: TrainConfig, args, partial: Path, main: bool, started: float, resume_from: Path | None) -> RunResult:
     import torch
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -261,7 +318,9 @@ def _train(cfg: TrainConfig, args, partial: Path, main: bool, started: float) ->
         callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping.patience), meter],
         embeddings=bundle.embeddings, adversarial=cfg.adversarial, evaluator=evaluator,
     )
-    outcome = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    if resume_from is not None and main:
+        print(f"resume: from {resume_from} ({_checkpoint_position(resume_from)})")
+    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
 
     # the best epoch's model is loaded (load_best_model_at_end); now the test split
     test_samples = splits["test"]

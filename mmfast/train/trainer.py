@@ -6,8 +6,17 @@
                                 embeddings=bundle.embeddings, adversarial=cfg.adversarial,
                                 callbacks=[EarlyStoppingCallback(cfg.early_stopping.patience)])
 
-Everything else (loop, accumulation, clipping, mixed precision, DDP/FSDP, checkpoints, best-model reload) is
-the Trainer's own.
+Everything else (loop, accumulation, clipping, mixed precision, DDP/FSDP, best-model reload, checkpoint rotation)
+is the Trainer's own.
+
+Checkpoints are written whole or not at all: the Trainer writes checkpoint-N into a temporary sibling,
+OUTPUT/tmp-checkpoint-N/checkpoint-N (model, optimizer, scheduler, scaler, every process's RNG state,
+trainer_state.json), the files are flushed to disk, and only then is it renamed to OUTPUT/checkpoint-N. A process
+killed at any moment leaves either a complete checkpoint-N or a tmp-checkpoint-N, which complete_checkpoints()
+and discard_incomplete_checkpoints() tell apart and clean up. (transformers writes checkpoint-N in place; a
+kill -9 during the write leaves a folder that looks like the newest checkpoint and cannot be resumed.)
+MMFAST_TEST_CHECKPOINT_RENAME_DELAY=SECONDS (tests only) sleeps between "written" and "renamed" so that a test
+can kill a run inside that window.
 
 Adversarial training (cfg.adversarial.method):
   fgm  one clean forward/backward, then per modality delta = epsilon * g / ||g||, g the gradient of the
@@ -33,14 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
+import re
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-__all__ = ["MultimodalTrainer", "training_arguments", "ThroughputCallback", "precision_error"]
+__all__ = ["MultimodalTrainer", "training_arguments", "ThroughputCallback", "precision_error",
+           "complete_checkpoints", "discard_incomplete_checkpoints"]
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -172,6 +187,101 @@ class ThroughputCallback(TrainerCallback):
         return self.samples / self.seconds if self.seconds > 0 else float("nan")
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
+_STAGING_PREFIX = "tmp-"  # tmp-checkpoint-N: never matched by the Trainer's "checkpoint-*" rotation and resume
+_WEIGHT_PREFIXES = ("model", "pytorch_model", "adapter_model")  # .safetensors / .bin / sharded index / FSDP folder
+_RENAME_DELAY = "MMFAST_TEST_CHECKPOINT_RENAME_DELAY"
+
+
+def checkpoint_step(path) -> int | None:
+    """N of a checkpoint-N folder name, else None."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why the checkpoint-N folder cannot be resumed from, or None. trainer_state.json is the last file the Trainer
+    writes into a checkpoint, so a folder with a valid one for step N (and model weights) is whole."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError) as exc:
+        return f"unreadable trainer_state.json ({exc})"
+    if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(path):
+        return "its trainer_state.json is not for this step"
+    if not any(entry.name.startswith(_WEIGHT_PREFIXES) for entry in path.iterdir()):
+        return "no model weights"
+    return None
+
+
+def complete_checkpoints(directory) -> list[Path]:
+    """The whole checkpoint-N folders in directory, oldest (lowest N) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir()
+             if p.is_dir() and checkpoint_step(p) is not None and checkpoint_problem(p) is None]
+    return sorted(found, key=checkpoint_step)
+
+
+def discard_incomplete_checkpoints(directory) -> list[str]:
+    """Delete what a killed save left in directory (tmp-checkpoint-N folders, checkpoint-N folders that are not
+    whole); returns "NAME (why)" for each."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(_STAGING_PREFIX):
+            why = "an unfinished save"
+        elif checkpoint_step(path) is not None:
+            why = checkpoint_problem(path)
+            if why is None:
+                continue
+        else:
+            continue
+        shutil.rmtree(path)
+        removed.append(f"{path.name} ({why})")
+    return removed
+
+
+def _fsync(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # folders cannot be fsynced on some systems (Windows)
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file and folder under folder, so that the rename publishes data that is on disk (a kill -9
+    alone loses nothing written; a power cut would)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+        _fsync(path)
+
+
+def _rotate(run_dir: str, trainer) -> None:
+    from transformers import trainer_utils
+
+    if hasattr(trainer_utils, "rotate_checkpoints"):
+        trainer_utils.rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
+                                         best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+    else:  # older transformers: a Trainer method
+        trainer._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+
+
 # ------------------------------------------------------------------------------------------------ adversarial
 
 
@@ -266,6 +376,7 @@ class MultimodalTrainer(Trainer):
                 callback.trainer = self
         self._perturber = None
         self._clean = None  # (unscaled loss, inputs) of the current clean pass
+        self._staging_dir = None  # while a checkpoint is saved: where the Trainer writes it (see the module doc)
         if self.adversarial is not None:
             if not embeddings:
                 raise ValueError(f"adversarial.method: {self.adversarial.method} needs the model's input embedding "
@@ -274,6 +385,49 @@ class MultimodalTrainer(Trainer):
                 raise ValueError("adversarial.method: pgd's ascent steps run the unwrapped module, which FSDP "
                                  "shards; use fgm with distributed.fsdp")
             self._perturber = _Perturber(embeddings)
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's save, into tmp-checkpoint-N/checkpoint-N, then renamed to checkpoint-N when whole; the
+        Trainer's rotation (save_total_limit, the best checkpoint kept) runs after the rename."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, _STAGING_PREFIX + name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a stale one from a killed run at this step
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        # the Trainer named the best checkpoint by where it wrote it (if this one is the best): name it by where
+        # it will be, in memory (every process) and in the saved trainer_state.json
+        best = self.state.best_model_checkpoint
+        staged_best = best is not None and os.path.dirname(os.path.normpath(best)) == os.path.normpath(staging)
+        if staged_best:
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(os.path.normpath(best)))
+        self.accelerator.wait_for_everyone()  # every process's files (rng_state_N.pth) are written
+        if self.args.should_save:
+            written, final = Path(staging) / name, Path(run_dir) / name
+            if staged_best:
+                state_file = written / "trainer_state.json"
+                state = json.loads(state_file.read_text())
+                state["best_model_checkpoint"] = self.state.best_model_checkpoint
+                state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+            _flush_to_disk(written)
+            delay = float(os.environ.get(_RENAME_DELAY) or 0)
+            if delay > 0:
+                time.sleep(delay)
+            if final.exists():  # saved twice at one step: the older copy goes once the new one is in place
+                final.rename(Path(staging) / f"old-{name}")
+            written.rename(final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync(run_dir)  # the rename itself
+            _rotate(run_dir, self)
+        self.accelerator.wait_for_everyone()  # the checkpoint is in place before anyone reads it (best reload)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """With an evaluator (contrastive, generation: report.split_evaluator): its whole-split metrics, logged

@@ -2,11 +2,14 @@
 finished runs are marked, failed ones never look finished, checkpoints survive for --resume."""
 
 import json
+import os
+import signal
 
 import pytest
 
 from mmfast.train import evaluate, load_config, predict, train
 from mmfast.train import run as run_module
+from mmfast.train.run import Terminated
 from mmfast.train.trainer import MultimodalTrainer
 
 from .conftest import tiny_run_args, write_manifest
@@ -33,7 +36,11 @@ def test_finished_run_layout(finished):
     for name in ("config.yaml", "metrics.json", "classification_report.txt", "classification_report.json",
                  "confusion_matrix.png", "curves.png", "model/train_config.yaml", "model/labels.json"):
         assert (out / name).is_file(), name
-    assert list((out / "checkpoints").glob("checkpoint-*"))
+    # best + last kept by the Trainer's rotation, both renamed into place, naming the best by its final path
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert 1 <= len(checkpoints) <= 2 and all(p.name.startswith("checkpoint-") for p in checkpoints)
+    best = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert best == str(run_module.partial_dir(out) / json.loads((out / "metrics.json").read_text())["best_checkpoint"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"accuracy", "f1_macro", "f1_weighted", "loss"}
     assert metrics["test"] == result.test
@@ -70,40 +77,96 @@ def test_bad_input_leaves_nothing(tmp_path, data):
     assert (out / "notes.txt").read_text() == "mine" and not run_module.partial_dir(out).exists()
 
 
-def test_interrupted_run_keeps_checkpoints_and_resumes(tmp_path, data, monkeypatch):
-    """Ctrl-C during epoch 2's evaluation: epoch 1's checkpoint exists, so OUT.partial is kept (status failed)
-    and OUT does not exist; --resume finishes the run from that checkpoint."""
-    out = tmp_path / "run"
+def _interrupt_at_evaluation(monkeypatch, number: int, interrupt):
+    """Make the number-th evaluation call interrupt()."""
     calls = []
     original = MultimodalTrainer.evaluate
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+        if len(calls) == number:
+            interrupt()
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MultimodalTrainer, "evaluate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    return original
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_interrupted_run_keeps_checkpoints_and_resumes(tmp_path, data, monkeypatch, capsys):
+    """SIGTERM during epoch 2's evaluation: epoch 1's checkpoint exists, so OUT.partial is kept (status interrupted)
+    and OUT does not exist. A save cut short by a kill is deleted by --resume, which resumes from the newest
+    complete checkpoint and says so; a resumed run that fails before its next checkpoint does not send the user
+    round again with --resume; the next --resume finishes the run."""
+    out = tmp_path / "run"
+    original = _interrupt_at_evaluation(monkeypatch, 2, _sigterm)
+    with pytest.raises(Terminated) as info:
         train(load_config(None, tiny_run_args(out, data, "--no-kernels")))
+    assert "continue it with --resume" in info.value.__notes__[0]
     partial = run_module.partial_dir(out)
     assert not out.exists()
-    assert json.loads((partial / "run.json").read_text())["status"] == "failed"
-    assert [p.name for p in (partial / "checkpoints").iterdir()] == ["checkpoint-3"]
-    # a new run without --resume refuses to throw the checkpoints away
+    status = json.loads((partial / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["signal"] == "SIGTERM"
+    checkpoints = partial / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-3"]
+    assert signal.getsignal(signal.SIGTERM) is not run_module._raise_terminated  # the handler is train()'s only
+
+    # what kills during epoch 2's save leave: its temporary folder; an in-place checkpoint without its state
+    (checkpoints / "tmp-checkpoint-6" / "checkpoint-6").mkdir(parents=True)
+    (checkpoints / "checkpoint-6").mkdir()
+    (checkpoints / "checkpoint-6" / "model.safetensors").write_bytes(b"")
+    # a new run without --resume refuses to throw the complete checkpoint away
     monkeypatch.setattr(MultimodalTrainer, "evaluate", original)
     with pytest.raises(ValueError, match="--resume"):
         train(load_config(None, tiny_run_args(out, data, "--no-kernels")))
+
+    def broken():
+        raise ValueError("eval: disk full")
+
+    _interrupt_at_evaluation(monkeypatch, 1, broken)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="disk full") as info:
+        train(load_config(None, tiny_run_args(out, data, "--no-kernels", "--resume")))
+    printed = capsys.readouterr().out
+    assert "resume: removed checkpoint-6 (no trainer_state.json), tmp-checkpoint-6 (an unfinished save)" in printed
+    assert f"resume: from {checkpoints / 'checkpoint-3'} (step 3 of 6, epoch 1)" in printed
+    assert "resuming from it failed" in info.value.__notes__[0]
+    assert "continue it with --resume" not in info.value.__notes__[0]
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-3"]
+
+    monkeypatch.setattr(MultimodalTrainer, "evaluate", original)
     result = train(load_config(None, tiny_run_args(out, data, "--no-kernels", "--resume")))
     assert json.loads((out / "run.json").read_text())["status"] == "finished" and not partial.exists()
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     assert steps == 6 and result.timed_steps <= 3  # only epoch 2's steps ran in the resumed process
 
 
+def test_interrupt_before_any_checkpoint_removes_the_run(tmp_path, data, monkeypatch):
+    out = tmp_path / "run"
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _interrupt_at_evaluation(monkeypatch, 1, ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(load_config(None, tiny_run_args(out, data, "--no-kernels", "--optim.epochs", "1")))
+    assert "removed" in info.value.__notes__[0]
+    assert not out.exists() and not run_module.partial_dir(out).exists()
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, data):
-    with pytest.raises(ValueError, match="resume: nothing to resume"):
+    with pytest.raises(ValueError, match="resume: nothing to resume.*start afresh: run again without --resume"):
         train(load_config(None, tiny_run_args(tmp_path / "run", data, "--resume")))
     assert not (tmp_path / "run").exists() and not run_module.partial_dir(tmp_path / "run").exists()
+    # a partial run whose only checkpoint is unfinished: nothing to resume, and it says how to start afresh
+    unfinished = run_module.partial_dir(tmp_path / "run") / "checkpoints" / "tmp-checkpoint-3"
+    unfinished.mkdir(parents=True)
+    with pytest.raises(ValueError, match="no complete checkpoint.*start afresh") as info:
+        train(load_config(None, tiny_run_args(tmp_path / "run", data, "--resume")))
+    assert "run again without --resume" in str(info.value) and not unfinished.exists()
 
 
 def test_failure_after_training_keeps_previous_finished_run(tmp_path, data, monkeypatch):
