@@ -117,9 +117,14 @@ def train_main(argv: list[str]) -> int:
         train(cfg)
     except _INPUT_ERRORS as exc:
         return _input_error("train", exc)
-    except KeyboardInterrupt:
-        print("mmfast train: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (train.Terminated): exit 128 + the signal's number
+        import signal
+
+        number = getattr(exc, "signal_number", signal.SIGINT)
+        notes = "".join(f" ({' '.join(str(n).split())})" for n in getattr(exc, "__notes__", None) or [])
+        # on a line of its own: the interrupt may come in the middle of a progress bar's line
+        print(f"\nmmfast train: interrupted by {signal.Signals(number).name}{notes}", file=sys.stderr)
+        return 128 + number
     return 0
 
 
