@@ -84,3 +84,19 @@ def test_failed_build_warns_once_and_falls_back_to_torch(broken_extension, monke
         backends.select("cross_entropy", CPU, "cpu")
     logits, target = torch.randn(3, 5), torch.tensor([0, 1, 2])
     torch.testing.assert_close(mmfast.ops.cross_entropy(logits, target), torch.nn.functional.cross_entropy(logits, target))
+
+
+def test_table_never_compiles_and_says_how_to_build(broken_extension, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a build attempt would warn (the source does not compile)
+        rows = backends.table()
+    cpu_rows = [r for r in rows if r["backend"] == "cpu"]
+    assert len(cpu_rows) == len(backends.OPS)
+    assert all(r["cpu"] == "not built yet: `mmfast build` (or first use) compiles it" for r in cpu_rows), cpu_rows
+    assert not (tmp_path / "cache").exists()
+
+
+def test_table_names_a_missing_compiler(broken_extension, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    cpu_row = next(r for r in backends.table() if r["backend"] == "cpu")
+    assert cpu_row["cpu"] == "no C++ compiler: 'no-such-compiler++' not found (install one or set CXX)"

@@ -1,6 +1,7 @@
 """`mmfast info | build | bench` as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,10 +21,38 @@ def test_info_prints_versions_and_the_whole_table(capsys):
             assert (op, backend) in rows, (op, backend)
 
 
+def test_info_on_an_empty_cache_never_compiles(tmp_path):
+    # A compiler wrapper that logs every call but the `--version` the cache key asks for.
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\n[ "$*" = "--version" ] || echo "$*" >> "$COMPILER_LOG"\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    cache, log = tmp_path / "cache", tmp_path / "compiler.log"
+    env = {**os.environ, "MMFAST_CACHE": str(cache), "CXX": str(compiler), "COMPILER_LOG": str(log)}
+    run = subprocess.run([sys.executable, "-m", "mmfast.cli", "info"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert not log.exists(), log.read_text()
+    assert not list(tmp_path.rglob("*.so"))
+    assert "(not built yet)" in run.stdout
+    rows = {tuple(line.split()[:2]): line for line in run.stdout.splitlines() if line.strip()}
+    for op in backends.OPS:
+        for backend in backends.BACKENDS:
+            assert (op, backend) in rows, (op, backend)
+        assert "not built yet: `mmfast build` (or first use) compiles it" in rows[(op, "cpu")]
+
+
 def test_build_says_what_it_built_and_how_long_it_took(capsys):
     assert cli.main(["build"]) == 0
     out = capsys.readouterr().out
     assert "built " in out and "backends: " in out and "cpu" in out.split("backends: ")[1] and " s" in out
+
+
+def test_info_build_builds_then_prints_the_table(capsys):
+    assert cli.main(["info", "--build"]) == 0
+    out = capsys.readouterr().out
+    assert "built " in out and "(built)" in out
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in out.splitlines() if len(line.split()) > 2}
+    assert all(rows[(op, "cpu")] == "yes" for op in backends.OPS)
 
 
 def test_bench_quick_prints_the_side_by_side_table_and_saves_json(tmp_path):
