@@ -3,6 +3,7 @@
     report = patch_peft_model(peft_model)   # every LoRA Linear layer it can take now runs fused
     print(report)                           # what was patched, what kept PEFT's forward and why
     unpatch_peft_model(peft_model)          # PEFT's own layers again
+    patch_peft_layer(layer)                 # one layer, for code that builds them itself: None, or why not
 
 Patching swaps the class of each layer it takes for FusedLoraLinear, a subclass of PEFT's Linear that
 overrides forward only. No parameter, buffer or submodule is added, renamed or moved, so state_dict,
@@ -84,14 +85,30 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         raise ValueError("model: already patched; call unpatch_peft_model(model) first")
     report = PatchReport()
     for name, module in layers:
-        reason = _layer_decline_reason(module)
-        if reason is not None:
+        reason = patch_peft_layer(module, report.fallbacks)
+        if reason is None:
+            report.patched.append(name)
+        else:
             report.skipped[name] = reason
-            continue
-        module.__class__ = FusedLoraLinear
-        module._mmfast_fallbacks = report.fallbacks
-        report.patched.append(name)
     return report
+
+
+def patch_peft_layer(module: nn.Module, fallbacks: Counter | None = None) -> str | None:
+    """Route one PEFT LoRA layer through the fused op, as patch_peft_model does for each of a model's.
+
+    Returns None when the layer now runs fused, else the reason it keeps PEFT's forward (the layer is then left
+    as it was). `fallbacks` receives the calls that fall back, by reason (a new Counter when not given); a
+    layer already patched is left as it is. For code that builds LoRA layers itself, one at a time.
+    """
+    if not isinstance(module, LoraLayer):
+        raise TypeError(f"module: expected a PEFT LoRA layer (peft.tuners.lora.LoraLayer), got {_kind(module)}")
+    if isinstance(module, FusedLoraLinear):
+        return None
+    reason = _layer_decline_reason(module)
+    if reason is None:
+        module.__class__ = FusedLoraLinear
+        module._mmfast_fallbacks = Counter() if fallbacks is None else fallbacks
+    return reason
 
 
 def unpatch_peft_model(model: nn.Module) -> list[str]:
@@ -164,6 +181,11 @@ def _hook_reason(module: LoraLayer, adapters) -> str | None:
 
 class FusedLoraLinear(_PeftLinear):
     """PEFT's LoRA Linear whose forward runs the fused op where it computes what PEFT's forward would."""
+
+    def _get_name(self) -> str:
+        # nn.Module's repr prints this name: the layer reads as PEFT's ("lora.Linear(...)"), which it still
+        # is in every respect but the forward.
+        return _PeftLinear.__name__
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter = self._fusable_adapter(x, args, kwargs)

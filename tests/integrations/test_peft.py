@@ -26,7 +26,12 @@ from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from mmfast import ops  # noqa: E402
-from mmfast.integrations.peft import FusedLoraLinear, patch_peft_model, unpatch_peft_model  # noqa: E402
+from mmfast.integrations.peft import (  # noqa: E402
+    FusedLoraLinear,
+    patch_peft_layer,
+    patch_peft_model,
+    unpatch_peft_model,
+)
 from tests.helpers import DEVICE, assert_within_torch_error  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
@@ -473,3 +478,32 @@ def test_patch_rejects_what_it_cannot_patch():
     patch_peft_model(fused)
     with pytest.raises(ValueError, match="already patched"):
         patch_peft_model(fused)
+
+
+def test_patched_layer_reads_as_peft_s():
+    """A patched layer prints as PEFT's own (PEFT's tests check that repr starts with "lora.Linear")."""
+    fused, *_ = peft_model("llama")
+    unpatched = copy.deepcopy(fused)
+    patch_peft_model(fused)
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FusedLoraLinear)
+    assert repr(layer).startswith("lora.Linear(")
+    assert repr(fused) == repr(unpatched)
+
+
+def test_patch_peft_layer_patches_one_layer_or_says_why_not(fused_calls):
+    model = toy_peft()
+    unpatched = copy.deepcopy(model)
+    layers = model.base_model.model
+    assert patch_peft_layer(layers.linear) is None and type(layers.linear) is FusedLoraLinear
+    assert patch_peft_layer(layers.linear) is None  # already patched: left as it is
+    assert "fan_in_fan_out" in patch_peft_layer(layers.conv1d) and type(layers.conv1d) is not FusedLoraLinear
+    with pytest.raises(TypeError, match=r"module: expected a PEFT LoRA layer .*, got torch\.nn\.modules\.linear\.Linear"):
+        patch_peft_layer(layers.linear.base_layer)
+    ids = toy_ids()
+    torch.testing.assert_close(model(ids), unpatched(ids))
+    assert len(fused_calls) == 1  # linear only; no_bias was not handed over
+    layers.linear.base_layer.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match="hooks"):
+        model(ids)
+    assert sum(layers.linear._mmfast_fallbacks.values()) == 1  # a counter of its own when none is given
