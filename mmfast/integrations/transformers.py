@@ -38,6 +38,10 @@ layers share it) and turned into the op's form:
     key's, causal without a mask and with fewer keys than queries.
 `softcap` and attention sinks (`s_aux`) raise ValueError: SDPA cannot compute them either.
 
+output_attentions=True: as with "sdpa", the attention weights are never formed: the model returns
+`attentions == ()`, and the first such call logs transformers' SDPA warning, naming "mmfast" (through
+transformers' logging, once per process, so transformers.logging.set_verbosity_* governs it as it does SDPA's).
+
 Gates. A gated layer that mmfast.patch rewired (mmfast.integrations.gates: Mllama, Idefics v1) passes its
 scalar gate as `mmfast_gate=FusedGate(parameter)` through its attention module's **kwargs; the op then
 returns tanh(gate) * attention (its `gate` argument), on every form above, and a fallback multiplies SDPA's
@@ -66,11 +70,17 @@ from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
+from transformers.utils import logging as transformers_logging
 
 from ..ops import attention as _attention
 
 NAME = "mmfast"
 GATE_KWARG = "mmfast_gate"
+OUTPUT_ATTENTIONS_WARNING = (f"`{NAME}` attention does not support `output_attentions=True`. Please set your attention "
+                             "to `eager` if you want any of these features.")
+
+# Under transformers' logger, so that its verbosity settings apply here as to its own SDPA warning.
+logger = transformers_logging.get_logger(f"transformers.{__name__}")
 
 __all__ = ["GATE_KWARG", "NAME", "AttentionReport", "FusedGate", "MmfastAttentionFallback", "attention_forward",
            "attention_mask", "register_attention", "report", "reset_report"]
@@ -145,6 +155,8 @@ def attention_forward(
 
     mmfast_gate (a FusedGate, passed by a gated layer that mmfast.patch rewired): the result is
     tanh(gate) * attention, the gate fused into the op (or multiplied after SDPA on a fallback)."""
+    if kwargs.pop("output_attentions", False):  # popped: a fallback would log SDPA's warning, naming sdpa
+        logger.warning_once(OUTPUT_ATTENTIONS_WARNING)
     gate = kwargs.pop(GATE_KWARG, None)
     if gate is not None:
         if not isinstance(gate, FusedGate):

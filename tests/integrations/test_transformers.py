@@ -40,6 +40,7 @@ from transformers.masking_utils import (  # noqa: E402
     sdpa_mask,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+from transformers.testing_utils import CaptureLogger  # noqa: E402
 
 from mmfast.integrations import transformers as mt  # noqa: E402
 from mmfast.ops import attention as attention_module  # noqa: E402
@@ -487,6 +488,40 @@ def test_softcap_is_refused():
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="softcap"):
         mt.attention_forward(Module(), q, q, q, None, softcap=30.0)
+
+
+def test_output_attentions_warns_as_sdpa_does(op_calls):
+    """transformers' SDPA path forms no attention weights for output_attentions=True: it logs one warning
+    (warning_once, transformers' logging) and the model returns attentions == (). "mmfast" does the same, in the
+    same words but its own name, and still runs the op."""
+    reference, fused = llama_model()
+    ids = torch.randint(0, 64, (2, 6))
+    sdpa_logger = transformers.utils.logging.get_logger("transformers.integrations.sdpa_attention")
+    transformers.utils.logging.warning_once.cache_clear()  # once per process: earlier tests may have logged it
+    with CaptureLogger(sdpa_logger) as sdpa_log:
+        expected = reference(input_ids=ids, output_attentions=True)
+    with CaptureLogger(mt.logger) as log, CaptureLogger(sdpa_logger) as sdpa_log_of_fused:
+        out = fused(input_ids=ids, output_attentions=True)
+        fused(input_ids=ids, output_attentions=True)
+    assert "`sdpa` attention does not support `output_attentions=True`" in sdpa_log.out
+    assert log.out == sdpa_log.out.replace("`sdpa`", "`mmfast`")  # SDPA's words, once for 2 calls x 2 layers
+    assert sdpa_log_of_fused.out == ""
+    assert out.attentions == expected.attentions == ()
+    assert_close("hidden states", out.last_hidden_state, expected.last_hidden_state)
+    assert len(op_calls) == 4 and not mt.report().fallbacks
+
+
+def test_output_attentions_on_a_fallback_logs_mmfast_warning_only():
+    """A call that falls back to SDPA's forward must not log SDPA's warning, which names "sdpa"."""
+    q = torch.randn(2, 4, 5, 8)
+    sdpa_logger = transformers.utils.logging.get_logger("transformers.integrations.sdpa_attention")
+    transformers.utils.logging.warning_once.cache_clear()
+    with CaptureLogger(mt.logger) as log, CaptureLogger(sdpa_logger) as sdpa_log, \
+            pytest.warns(mt.MmfastAttentionFallback, match="dropout"):
+        _, weights = mt.attention_forward(Module(), q, q, q, None, dropout=0.5, is_causal=False,
+                                          output_attentions=True)
+    assert weights is None and sdpa_log.out == ""
+    assert log.out == mt.OUTPUT_ATTENTIONS_WARNING + "\n"
 
 
 # ------------------------------------------------------------------------------------ (4) registration
