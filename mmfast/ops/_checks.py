@@ -50,11 +50,14 @@ def loss_options(ignore_index, reduction: str, label_smoothing, z_loss, softcap)
     """The options the cross-entropy ops share."""
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:  # the kernels compare it with int64 targets
+        raise ValueError(f"ignore_index: expected an int64, got {ignore_index}")
     one_of("reduction", reduction, ("mean", "sum", "none"))
     in_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    in_range("z_loss", z_loss, 0.0, math.inf)
+    in_range("z_loss", z_loss, 0.0, math.inf, high_inclusive=False)
     if softcap is not None:
-        in_range("softcap", softcap, 0.0, math.inf)
+        # An infinite cap would compute inf * tanh(0) = nan; no cap at all is softcap=None.
+        in_range("softcap", softcap, 0.0, math.inf, high_inclusive=False)
         if softcap == 0:
             raise ValueError("softcap: expected a positive number or None, got 0")
 

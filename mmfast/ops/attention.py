@@ -58,12 +58,16 @@ def cross_modal_attention(
         _checks.same_device(name, value, "q", q)
     _check_layout(q, k, v, varlen)
     heads_q, heads_k, head_dim = q.shape[-2 if varlen else 1], k.shape[-2 if varlen else 1], q.shape[-1]
+    if head_dim == 0:
+        raise ValueError(f"q: expected a head dim of at least 1, got shape {tuple(q.shape)}")
+    if heads_k == 0:
+        raise ValueError(f"k: expected at least one head, got shape {tuple(k.shape)}")
     if heads_q % heads_k:
         raise ValueError(f"q: expected a number of heads divisible by k's {heads_k} (grouped-query attention), "
                          f"got {heads_q}")
     if scale is None:
         scale = head_dim ** -0.5
-    _checks.in_range("scale", scale, 0.0, math.inf)
+    _checks.in_range("scale", scale, 0.0, math.inf, high_inclusive=False)
     if scale == 0:
         raise ValueError("scale: expected a positive number, got 0")
     if not isinstance(causal, bool):

@@ -108,6 +108,8 @@ def _check_inputs(hidden, weight, target, bias) -> None:
         )
     if weight.shape[0] == 0:
         raise ValueError("weight: expected at least one class, got V = 0")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected a hidden size of at least 1, got shape {tuple(hidden.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):

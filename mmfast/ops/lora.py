@@ -59,8 +59,8 @@ def lora_linear_multi(
     from text, keys and values from image features) are separate calls, one per input.
     """
     _checks.floating("x", x)
-    if x.dim() < 1:
-        raise ValueError(f"x: expected shape (..., in), got {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected shape (..., in) with in >= 1, got {tuple(x.shape)}")
     if not isinstance(projections, (list, tuple)) or not projections:
         raise ValueError("projections: expected a non-empty list of (weight, bias, lora_A, lora_B, scaling)")
     _checks.in_range("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
