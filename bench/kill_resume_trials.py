@@ -3,6 +3,7 @@ compared with the same run uninterrupted (same seed).
 
     python bench/kill_resume_trials.py                       # 20 trials, 7 of them inside a checkpoint save
     python bench/kill_resume_trials.py --trials 4 --during-save 2 --samples 150
+    python bench/kill_resume_trials.py --jobs 3               # three trials at a time
 
 The run is the demo made small: `--samples` samples of the digits demo (image + text + audio), the fusion
 model at width 16, LoRA, a checkpoint at every epoch. Two kinds of kill:
@@ -19,6 +20,7 @@ validation metrics and every tensor of the final model. Results go to bench/resu
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import random
@@ -145,6 +147,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=300, help="demo samples (60%% train)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="draws the kill moments")
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at the same time")
     parser.add_argument("--kernels", action="store_true", help="with mmfast's kernels (the demo's default)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     parser.add_argument("--json", default=str(RESULTS), help="where to save the results")
@@ -175,34 +178,36 @@ def main() -> int:
     log_history = json.loads((reference_out / "metrics.json").read_text())["log_history"]
     print(f"uninterrupted: {last_step} steps, {reference_seconds:.0f} s; test {reference['test']}")
 
-    rng = random.Random(args.seed)
     kinds = ["save"] * args.during_save + ["random"] * (args.trials - args.during_save)
-    rng.shuffle(kinds)
-    trials = []
-    for i, kind in enumerate(kinds):
-        out = scratch / f"trial-{i}"
+    random.Random(args.seed).shuffle(kinds)
+
+    def trial(i: int) -> dict:
+        rng = random.Random(f"{args.seed}-{i}")  # its own draws, whatever order the trials run in
+        kind, out = kinds[i], scratch / f"trial-{i}"
         for stale in (out, Path(f"{out}.partial")):
             shutil.rmtree(stale, ignore_errors=True)
-        log = scratch / f"trial-{i}.log"
-        at_kill = _kill_run(kind, out, data, args, rng, steps_per_epoch, log)
-        trial = {"trial": i, "kind": kind, **at_kill}
+        at_kill = _kill_run(kind, out, data, args, rng, steps_per_epoch, scratch / f"trial-{i}.log")
+        result = {"trial": i, "kind": kind, **at_kill}
         if not at_kill.get("finished_before_kill"):
             resume_log = scratch / f"trial-{i}-resume.log"
             code, seconds = _run_to_end(_command(out, data, args.epochs, args.kernels, "--resume"), resume_log)
             resumed = [line for line in resume_log.read_text().splitlines() if line.startswith("resume: ")]
-            trial.update(resume_exit=code, resume_said=resumed, resume_seconds=round(seconds, 1))
+            result.update(resume_exit=code, resume_said=resumed, resume_seconds=round(seconds, 1))
         if (out / "metrics.json").is_file():
             equal, largest = _compare(_outcome(out), reference)
-            trial.update(equal=equal, largest_difference=largest)
+            result.update(equal=equal, largest_difference=largest)
         else:
-            trial.update(equal=False, largest_difference=float("inf"))
-        trials.append(trial)
-        print(f"trial {i:2d} {kind:6s} complete at kill {trial.get('complete_at_kill')}, unfinished "
-              f"{trial.get('unfinished_saves_at_kill')} -> {'; '.join(trial.get('resume_said', []))} -> "
-              f"{'EQUAL' if trial['equal'] else 'DIFFERENT'} (largest difference {trial['largest_difference']:.3g})",
+            result.update(equal=False, largest_difference=float("inf"))
+        print(f"trial {i:2d} {kind:6s} complete at kill {result.get('complete_at_kill')}, unfinished "
+              f"{result.get('unfinished_saves_at_kill')} -> {'; '.join(result.get('resume_said', []))} -> "
+              f"{'EQUAL' if result['equal'] else 'DIFFERENT'} (largest difference {result['largest_difference']:.3g})",
               flush=True)
-        if trial["equal"]:
+        if result["equal"]:
             shutil.rmtree(out, ignore_errors=True)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        trials = list(pool.map(trial, range(len(kinds))))
 
     killed_in_save = sum(1 for t in trials if t["kind"] == "save" and t.get("unfinished_saves_at_kill"))
     summary = {"trials": len(trials), "equal": sum(t["equal"] for t in trials),
@@ -211,6 +216,7 @@ def main() -> int:
                "wall_seconds": round(time.monotonic() - started, 1),
                "uninterrupted_seconds": round(reference_seconds, 1), "steps": last_step,
                "samples": args.samples, "epochs": args.epochs, "kernels": args.kernels, "seed": args.seed,
+               "jobs": args.jobs,
                "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(json.dumps(summary, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -389,7 +389,7 @@ class MultimodalTrainer(Trainer):
     def _get_output_dir(self, trial):
         return self._staging_dir or super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model, trial):
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
         """The Trainer's save, into tmp-checkpoint-N/checkpoint-N, then renamed to checkpoint-N when whole; the
         Trainer's rotation (save_total_limit, the best checkpoint kept) runs after the rename."""
         run_dir = super()._get_output_dir(trial)
@@ -400,7 +400,7 @@ class MultimodalTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._staging_dir = staging
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial, *args, **kwargs)
         finally:
             self._staging_dir = None
         # the Trainer named the best checkpoint by where it wrote it (if this one is the best): name it by where
