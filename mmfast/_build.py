@@ -18,6 +18,7 @@ This module imports only torch and the standard library: setup.py loads it on it
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import hashlib
 import importlib
@@ -277,11 +278,17 @@ def _tool_identity(command: list[str]) -> dict:
     path = shutil.which(command[0]) if command else None
     if path is None:
         return {"command": command, "path": None}
+    return {"command": command, "path": os.path.realpath(path),
+            "version": _version(tuple(command[1:]), path, os.stat(path).st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=None)
+def _version(arguments: tuple[str, ...], path: str, mtime_ns: int) -> str:
+    """`path --version`, asked once per process for each file (a replaced compiler has a new mtime)."""
     try:
-        version = subprocess.run([path, *command[1:], "--version"], capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run([path, *arguments, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
-        version = f"unavailable: {exc}"
-    return {"command": command, "path": os.path.realpath(path), "version": version.strip()}
+        return f"unavailable: {exc}"
 
 
 def build_manifest(name: str, source_dir: Path, sources: list[str], options: dict, with_cuda: bool) -> dict:

@@ -79,7 +79,7 @@ class TinyBuilds:
         self.cache = root / "cache"
         self.compile_log = root / "compiles.log"
         self.compiler = root / "bin" / "c++"
-        self.compiler.parent.mkdir()
+        self.compiler.parent.mkdir(parents=True)
         self.compiler.write_text(COMPILER_WRAPPER)
         self.compiler.chmod(self.compiler.stat().st_mode | stat.S_IEXEC)
         self.processes: list[subprocess.Popen] = []
