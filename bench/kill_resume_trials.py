@@ -10,7 +10,8 @@ model at width 16, LoRA, a checkpoint at every epoch. Two kinds of kill:
   save    SIGKILL while a checkpoint is being saved: the killed process runs with
           MMFAST_TEST_CHECKPOINT_RENAME_DELAY (the save waits between its last file and the rename); the kill
           comes at a random moment after tmp-checkpoint-N appears, before the rename. N is drawn at random.
-  random  SIGKILL at a random moment after the first checkpoint exists (before it, there is nothing to resume).
+  random  SIGKILL at a random moment after the first checkpoint exists (before it, there is nothing to resume);
+          a moment that falls after the run has ended is drawn again (up to 3 attempts).
 Each killed run is resumed with --resume to the end; "equal" means the same test and validation metrics, the
 same evaluation history and the same final model, bit for bit. The largest difference is over the test and
 validation metrics and every tensor of the final model. Results go to bench/results/kill_resume_trials.json
@@ -184,10 +185,13 @@ def main() -> int:
     def trial(i: int) -> dict:
         rng = random.Random(f"{args.seed}-{i}")  # its own draws, whatever order the trials run in
         kind, out = kinds[i], scratch / f"trial-{i}"
-        for stale in (out, Path(f"{out}.partial")):
-            shutil.rmtree(stale, ignore_errors=True)
-        at_kill = _kill_run(kind, out, data, args, rng, steps_per_epoch, scratch / f"trial-{i}.log")
-        result = {"trial": i, "kind": kind, **at_kill}
+        for attempt in range(1, 4):  # a random moment drawn after the run's end is drawn again
+            for stale in (out, Path(f"{out}.partial")):
+                shutil.rmtree(stale, ignore_errors=True)
+            at_kill = _kill_run(kind, out, data, args, rng, steps_per_epoch, scratch / f"trial-{i}.log")
+            if not at_kill.get("finished_before_kill"):
+                break
+        result = {"trial": i, "kind": kind, "attempts": attempt, **at_kill}
         if not at_kill.get("finished_before_kill"):
             resume_log = scratch / f"trial-{i}-resume.log"
             code, seconds = _run_to_end(_command(out, data, args.epochs, args.kernels, "--resume"), resume_log)
@@ -210,7 +214,8 @@ def main() -> int:
         trials = list(pool.map(trial, range(len(kinds))))
 
     killed_in_save = sum(1 for t in trials if t["kind"] == "save" and t.get("unfinished_saves_at_kill"))
-    summary = {"trials": len(trials), "equal": sum(t["equal"] for t in trials),
+    killed = [t for t in trials if not t.get("finished_before_kill")]
+    summary = {"trials": len(trials), "killed": len(killed), "killed_and_equal": sum(t["equal"] for t in killed),
                "killed_inside_a_save": killed_in_save,
                "largest_difference": max(t["largest_difference"] for t in trials),
                "wall_seconds": round(time.monotonic() - started, 1),
@@ -224,7 +229,7 @@ def main() -> int:
                                            "log_history_uninterrupted": log_history}, indent=2, default=str) + "\n")
     if not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
-    return 0 if summary["equal"] == summary["trials"] else 1
+    return 0 if summary["killed_and_equal"] == summary["killed"] == summary["trials"] else 1
 
 
 if __name__ == "__main__":
