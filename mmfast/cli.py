@@ -90,7 +90,12 @@ _INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectory
 def _input_error(command: str, exc: BaseException) -> int:
     if os.environ.get("MMFAST_TRACEBACK") == "1":
         raise exc
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = str(exc)
+    if "\nOriginal Traceback" in message:
+        # Re-raised by a DataLoader worker (data decoded during training): the worker's traceback is in the
+        # message and its last line is the original error, "ValueError: sample ...".
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    message = " ".join(message.split()) or type(exc).__name__
     notes = getattr(exc, "__notes__", None) or []  # e.g. what happened to the output directory
     if notes:
         message += " (" + "; ".join(" ".join(str(n).split()) for n in notes) + ")"

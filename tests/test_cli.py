@@ -112,3 +112,16 @@ def test_bench_help_lists_the_named_shapes(capsys):
 def test_unknown_op_is_refused():
     with pytest.raises(SystemExit):
         cli.main(["bench", "softmax"])
+
+
+def test_an_input_error_raised_in_a_dataloader_worker_is_its_own_one_line(capsys):
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise ValueError("sample 'a7': image data/a7.png: cannot decode it (truncated)")
+    except ValueError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ValueError, match="Original Traceback") as caught:
+        wrapped.reraise()  # what torch's DataLoader raises in the main process
+    assert cli._input_error("train", caught.value) == 2
+    assert capsys.readouterr().err == "mmfast train: error: sample 'a7': image data/a7.png: cannot decode it (truncated)\n"
