@@ -105,7 +105,10 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path, data, un
     print(f"random kill: seed {seed}")
     run = _start(out, data, "--resume")
     _wait_for(run, lambda: max(_checkpoint_steps(out)) > STEPS_PER_EPOCH, "a checkpoint of the resumed run")
-    time.sleep(random.Random(seed).uniform(0, 1.5))
+    # a random moment, but before the run's last checkpoints: a fast machine finishes the run within the draw
+    deadline = time.monotonic() + random.Random(seed).uniform(0, 1.5)
+    while time.monotonic() < deadline and max(_checkpoint_steps(out)) < (EPOCHS - 2) * STEPS_PER_EPOCH:
+        time.sleep(0.01)
     run.kill()
     stdout, _ = run.communicate()
     assert f"resume: removed {staging.name} (an unfinished save)" in stdout
